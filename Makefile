@@ -1,0 +1,33 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# Both bootstrap .venv from pyproject.toml first; `make setup` does only that.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The stamp is newer than pyproject.toml once its dependencies are installed,
+# so a second `make setup` installs nothing.
+STAMP := $(VENV)/.installed
+# CPU machines take torch's CPU build first, so pip never pulls a CUDA build.
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_CPU)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) jobs/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+bench: $(STAMP)
+	$(PY) jobs/bench_select.py
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

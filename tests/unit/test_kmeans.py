@@ -1,0 +1,89 @@
+import faiss
+import numpy as np
+import pytest
+
+from coincide_ray.cluster import spherical_kmeans
+from coincide_ray.cluster.kmeans import PartialSums, assign, initial_centroids, partial_sums, unit_rows
+from coincide_ray.synthetic import planted_embeddings
+
+
+def faiss_objective(x, k, iterations, seed, init=None):
+    xu = unit_rows(x)
+    km = faiss.Kmeans(x.shape[1], k, niter=iterations, seed=seed, spherical=True, max_points_per_centroid=10**9)
+    km.train(xu, init_centroids=init)
+    _, cosine = assign(xu, unit_rows(km.centroids))
+    return float(cosine.astype(np.float64).sum())
+
+
+@pytest.mark.parametrize("k", [8, 40])
+def test_same_start_same_objective_as_faiss(k):
+    x, _ = planted_embeddings(4000, num_layers=2, hidden=16, groups=12, noise=0.8, seed=k)
+    start = initial_centroids(unit_rows(x), k, seed=5)
+    ours = spherical_kmeans(x, k, iterations=25, init=start)
+    reference = faiss_objective(x, k, 25, 0, init=start)
+    assert ours.objective == pytest.approx(reference, rel=0.01)
+    assert np.allclose(np.linalg.norm(ours.centroids, axis=1), 1.0, atol=1e-5)
+    assert ours.assignments.shape == (4000,) and ours.assignments.max() < k
+
+
+def test_objective_over_seeds_within_one_percent_of_faiss():
+    # Each starts from its own random draw, so compare averages over several seeds.
+    x, _ = planted_embeddings(4000, num_layers=2, hidden=16, groups=30, noise=0.8, seed=9)
+    ours = np.mean([spherical_kmeans(x, 30, iterations=20, seed=s).objective for s in range(5)])
+    reference = np.mean([faiss_objective(x, 30, 20, s) for s in range(5)])
+    assert ours >= 0.99 * reference
+
+
+def test_deterministic_and_seeded():
+    x, _ = planted_embeddings(1000, seed=1)
+    a = spherical_kmeans(x, 10, iterations=10, seed=1)
+    b = spherical_kmeans(x, 10, iterations=10, seed=1)
+    c = spherical_kmeans(x, 10, iterations=10, seed=2)
+    assert np.array_equal(a.centroids, b.centroids) and np.array_equal(a.assignments, b.assignments)
+    assert not np.array_equal(a.centroids, c.centroids)
+
+
+def test_objective_is_sum_of_cosines():
+    x, _ = planted_embeddings(500, seed=2)
+    r = spherical_kmeans(x, 6, iterations=5)
+    cos = (unit_rows(x) * r.centroids[r.assignments]).sum(1)
+    assert r.objective == pytest.approx(cos.sum(), rel=1e-5)
+    assert np.allclose(r.cosine, cos, atol=1e-5)
+
+
+def test_more_clusters_than_rows_and_duplicates_do_not_crash():
+    x = np.repeat(np.eye(3, dtype=np.float32), 2, axis=0)  # 6 rows, 3 distinct
+    r = spherical_kmeans(x, 8, iterations=5)
+    assert r.centroids.shape == (8, 3) and set(r.assignments) <= set(range(8))
+    assert r.objective == pytest.approx(6.0)
+    one = spherical_kmeans(x, 1, iterations=3)
+    assert (one.assignments == 0).all()
+
+
+def test_empty_cluster_reseeded_from_worst_row():
+    x, _ = planted_embeddings(600, groups=3, seed=3)
+    xu = unit_rows(x)
+    start = initial_centroids(xu, 5, seed=0)
+    start[4] = -start[0]  # likely empty at first
+    r = spherical_kmeans(x, 5, iterations=10)
+    assert np.bincount(r.assignments, minlength=5).min() > 0
+
+
+def test_shard_statistics_combine_to_the_whole():
+    x, _ = planted_embeddings(900, seed=4)
+    xu = unit_rows(x)
+    cluster, cosine = assign(xu, initial_centroids(xu, 7, seed=0))
+    whole = partial_sums(xu, cluster, cosine, 7, spare=5)
+    shards = [partial_sums(xu[s], cluster[s], cosine[s], 7, spare=5)
+              for s in np.array_split(np.arange(900), 4)]
+    combined = PartialSums.combine(shards, spare=5)
+    assert np.array_equal(combined.counts, whole.counts)
+    assert np.allclose(combined.sums, whole.sums, rtol=0, atol=1e-12)
+    assert np.array_equal(combined.spare_cosine, whole.spare_cosine)
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="row 2"):
+        spherical_kmeans(np.array([[1.0, 0], [0, 1], [np.nan, 0]]), 2)
+    with pytest.raises(ValueError, match="at least 1"):
+        spherical_kmeans(np.ones((3, 2)), 0)
