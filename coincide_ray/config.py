@@ -1,0 +1,137 @@
+"""The typed job configuration: one JobConfig composed of per-stage parts.
+
+A YAML file and command-line flags map to the same object; flags override the file.
+Every check raises ConfigError with one line that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key."""
+
+
+def _fail_unless(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    clusters: int = 1000  # K; the paper uses 10,000 for LLaVA-665K and 2,500 for Vision-Flan-191K
+    iterations: int = 50  # Lloyd iterations
+    seed: int = 1234
+
+    def validate(self) -> None:
+        _fail_unless(self.clusters >= 1, f"cluster.clusters must be at least 1, got {self.clusters}")
+        _fail_unless(self.iterations >= 0, f"cluster.iterations must be non-negative, got {self.iterations}")
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    fraction: float = 0.2  # budget = int(fraction * accepted records)
+    temperature: float = 0.1  # tau of the softmax over cluster scores
+    sigma: float = 1.0  # Gaussian kernel width for density and MMD
+    similarity_mask: float = 0.9  # centroid pairs above this cosine are ignored in transferability
+    kernel_memory_mb: int = 512  # clusters whose kernel is larger are processed blockwise
+
+    def validate(self) -> None:
+        _fail_unless(0.0 <= self.fraction <= 1.0, f"select.fraction must lie in [0, 1], got {self.fraction}")
+        _fail_unless(self.temperature > 0, f"select.temperature must be positive, got {self.temperature}")
+        _fail_unless(self.sigma > 0, f"select.sigma must be positive, got {self.sigma}")
+        _fail_unless(self.kernel_memory_mb >= 1, f"select.kernel_memory_mb must be at least 1, got {self.kernel_memory_mb}")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    output: str  # local folder or s3:// prefix that receives every stage's outputs
+    embeddings: str | None = None  # Parquet file or folder with sample_id, embedding
+    layers: tuple[int, ...] = (3, 7, 11, 15, 19)  # decoder layers whose o_proj outputs are pooled
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def validate(self) -> "JobConfig":
+        _fail_unless(bool(self.output), "output must be given")
+        _fail_unless(len(self.layers) > 0, "layers must name at least one decoder layer")
+        _fail_unless(all(layer >= 0 for layer in self.layers), f"layers must be non-negative, got {self.layers}")
+        _fail_unless(len(set(self.layers)) == len(self.layers), f"layers must not repeat, got {self.layers}")
+        self.cluster.validate()
+        self.select.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "JobConfig":
+        """Build from nested plain values (a parsed YAML file merged with flags)."""
+        values = dict(values)
+        parts = {"cluster": ClusterConfig, "select": SelectConfig}
+        for name, part in parts.items():
+            section = values.pop(name, None) or {}
+            _fail_unless(isinstance(section, dict), f"{name} must be a mapping of keys")
+            values[name] = _build(part, section, prefix=f"{name}.")
+        if "layers" in values:
+            values["layers"] = parse_layers(values["layers"])
+        return _build(cls, values, prefix="").validate()
+
+
+def parse_layers(value: Any) -> tuple[int, ...]:
+    """'3,7,11' or [3, 7, 11] -> (3, 7, 11)."""
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        return tuple(int(item) for item in items)
+    except (TypeError, ValueError):
+        raise ConfigError(f"layers must be comma-separated integers, got {value!r}") from None
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    _fail_unless(not unknown, f"unknown configuration key(s): {', '.join(prefix + k for k in unknown)}")
+    converted = {}
+    for name, value in values.items():
+        kind = fields[name].type  # a string: annotations are postponed
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind == "int" and not (numeric and float(value).is_integer()):
+            raise ConfigError(f"{prefix}{name} must be an integer, got {value!r}")
+        if kind == "float" and not numeric:
+            raise ConfigError(f"{prefix}{name} must be a number, got {value!r}")
+        if kind == "str" and not isinstance(value, str):
+            raise ConfigError(f"{prefix}{name} must be a string, got {value!r}")
+        converted[name] = {"int": int, "float": float}.get(kind, lambda v: v)(value)
+    try:
+        return cls(**converted)
+    except TypeError as error:  # a required key is missing
+        raise ConfigError(f"{prefix.rstrip('.') or 'job'}: {error}") from None
+
+
+def load_yaml(uri_text: str) -> dict[str, Any]:
+    """Parse a YAML config file's text into nested plain values."""
+    try:
+        values = yaml.safe_load(uri_text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file is not valid YAML: {str(error).splitlines()[0]}") from None
+    _fail_unless(isinstance(values, dict), "config file must hold a mapping of keys")
+    return values
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Nested merge; override values that are None are ignored (flags not given)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            merged[key] = merge(merged.get(key) or {}, value)
+        elif value is not None:
+            merged[key] = value
+    return merged

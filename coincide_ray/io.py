@@ -1,0 +1,107 @@
+"""The one place that opens files: fsspec URIs (plain paths, file://, s3://), atomic writes.
+
+S3-compatible endpoints and credentials come from the standard AWS settings
+(AWS_ENDPOINT_URL, the credentials chain), which s3fs and botocore read themselves.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+
+def resolve(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.exists(path)
+
+
+def list_files(uri: str, suffixes: tuple[str, ...]) -> list[str]:
+    """One file, or every file under a folder/prefix with one of `suffixes`, sorted by name
+    (the canonical record order starts with sorted file names)."""
+    fs, path = resolve(uri)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"no such file or folder: {uri}")
+    if fs.isfile(path):
+        return [uri]
+    found = sorted(p for p in fs.find(path) if p.endswith(suffixes))
+    if not found:
+        raise FileNotFoundError(f"no {'/'.join(suffixes)} files under {uri}")
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return [p if isinstance(fs, LocalFileSystem) else f"{protocol}://{p}" for p in found]
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Publish `data` under `uri` so that no partial file is ever visible there.
+
+    Local: write a uniquely named temporary file beside it, then rename (atomic on POSIX).
+    Object stores: a single PUT, which appears whole or not at all.
+    """
+    fs, path = resolve(uri)
+    if isinstance(fs, LocalFileSystem):
+        folder = os.path.dirname(path) or "."
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        fs.pipe_file(path, data)
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = resolve(uri)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def write_parquet(table: pa.Table, uri: str) -> None:
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, compression="zstd")
+    write_bytes(uri, buffer.getvalue().to_pybytes())
+
+
+def write_npy(array: np.ndarray, uri: str) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    write_bytes(uri, buffer.getvalue())
+
+
+def read_npy(uri: str) -> np.ndarray:
+    return np.load(io.BytesIO(read_bytes(uri)), allow_pickle=False)
+
+
+def write_json(obj: Any, uri: str) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))

@@ -1,0 +1,62 @@
+"""The run manifest: what ran, on what, what came out, and whether to trust it."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import sys
+from collections import Counter
+from importlib import metadata
+
+import numpy as np
+
+COLLAPSED_COSINE = 0.99
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("coincide-ray", "numpy", "faiss-cpu", "faiss-gpu", "pyarrow", "torch", "transformers", "ray"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def fingerprint(entries: list[tuple[str, int]]) -> str:
+    """sha256 over (name, size) of every input file, in order."""
+    digest = hashlib.sha256()
+    for name, size in entries:
+        digest.update(f"{name}\0{size}\n".encode())
+    return digest.hexdigest()
+
+
+def collapsed_centroid_pairs(centroids: np.ndarray, block_rows: int = 1024) -> int:
+    """Pairs of distinct centroids with cosine > 0.99: clusters that split one mode."""
+    norms = np.linalg.norm(centroids, axis=1, keepdims=True)
+    unit = np.divide(centroids, norms, out=np.zeros_like(centroids, dtype=np.float32), where=norms > 0)
+    pairs = 0
+    for start in range(0, len(unit), block_rows):
+        cos = unit[start : start + block_rows] @ unit.T
+        rows = np.arange(len(cos))
+        upper = np.arange(len(unit))[None, :] > (rows + start)[:, None]
+        pairs += int(((cos > COLLAPSED_COSINE) & upper).sum())
+    return pairs
+
+
+def health(centroids: np.ndarray, sizes: np.ndarray, rejected_reasons: list[str], budget: int, selected: int) -> dict:
+    accepted = int(sizes.sum())
+    return {
+        "collapsed_centroid_pairs": collapsed_centroid_pairs(centroids),
+        "empty_clusters": int((sizes == 0).sum()),
+        "largest_cluster_share": float(sizes.max() / accepted) if accepted else 0.0,
+        "rejected_by_reason": dict(sorted(Counter(rejected_reasons).items())),
+        "budget": budget,
+        # DESIGN.md step 4 passes what a capped cluster cannot take to the clusters after it;
+        # when the last clusters visited are too small the selection falls short of the budget.
+        "budget_shortfall": budget - selected,
+    }
+
+
+def command_line() -> str:
+    return " ".join(sys.argv)

@@ -1,0 +1,38 @@
+import os
+import uuid
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint on loopback (moto's server), found through AWS_ENDPOINT_URL
+    exactly as a user's endpoint would be."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="testing",
+                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="coincide-test")
+    yield f"http://{host}:{port}"
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path):
+    """A fresh base URI: a local folder or a unique s3:// prefix."""
+    if request.param == "local":
+        return str(tmp_path)
+    request.getfixturevalue("s3_endpoint")
+    return f"s3://coincide-test/{uuid.uuid4().hex}"

@@ -1,0 +1,142 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from coincide_ray import io, schema
+from coincide_ray.cli import main
+from coincide_ray.cluster import spherical_kmeans
+from coincide_ray.select import select_from_clusters
+from coincide_ray.synthetic import planted_embeddings
+
+LAYERS = "3,7"
+
+
+def write_corpus(base, n=600):
+    """Two embeddings files with planted groups and three bad rows.
+
+    Returns (uri, vectors, ids, accepted rows in canonical order, bad rows with reasons)."""
+    vectors, _ = planted_embeddings(n, num_layers=2, hidden=8, groups=6, seed=1)
+    ids = [f"s{i:04d}" for i in range(n)]
+    half = n // 2
+    bad = {
+        5: ("embedding holds NaN or inf", None),
+        9: ("duplicate sample_id", None),
+        n - 5: ("wrong embedding dimension", None),
+    }
+    vectors_list = [v for v in vectors]
+    vectors_list[5] = vectors[5].copy()
+    vectors_list[5][0] = np.nan
+    ids[9] = ids[8]
+    vectors_list[n - 5] = vectors[n - 5][:-1]
+    for part, rows in enumerate([range(0, half), range(half, n)]):
+        emb = pa.array([vectors_list[r].tolist() for r in rows], pa.list_(pa.float32()))
+        table = pa.table({schema.SAMPLE_ID: [ids[r] for r in rows], schema.EMBEDDING: emb})
+        # the second file is named so that string order != creation order
+        io.write_parquet(table, io.join(base, "emb", f"part-{['b', 'a'][part]}.parquet"))
+    good = [r for r in range(n) if r not in bad]
+    order = list(range(half, n)) + list(range(half))  # part-a (the second half) sorts first
+    return io.join(base, "emb"), vectors, ids, [r for r in order if r in good], bad
+
+
+def test_select_writes_the_contract(storage):
+    emb_uri, vectors, ids, accepted_rows, bad = write_corpus(storage)
+    out = io.join(storage, "run")
+    assert main(["select", "--embeddings", emb_uri, "--output", out, "--fraction", "0.25",
+                 "--clusters", "6", "--layers", LAYERS, "--iterations", "10"]) == 0
+
+    selection = io.read_parquet(io.join(out, schema.SELECTION_PATH)).to_pydict()
+    rejected = io.read_parquet(io.join(out, schema.REJECTED_PATH)).to_pydict()
+    assignments = io.read_parquet(io.join(out, schema.ASSIGNMENTS_PATH)).to_pydict()
+    summary = io.read_parquet(io.join(out, schema.SUMMARY_PATH)).to_pydict()
+    centroids = io.read_npy(io.join(out, schema.CENTROIDS_PATH))
+    manifest = io.read_json(io.join(out, schema.MANIFEST_PATH))
+
+    # canonical order: files sorted by name, then rows; every record accounted for once
+    assert selection[schema.SAMPLE_ID] == [ids[r] for r in accepted_rows]
+    assert assignments[schema.SAMPLE_ID] == selection[schema.SAMPLE_ID]
+    assert sorted(rejected[schema.REASON]) == sorted(reason for reason, _ in bad.values())
+    assert len(selection[schema.SAMPLE_ID]) + len(rejected[schema.SAMPLE_ID]) == len(ids)
+    assert len(set(selection[schema.SAMPLE_ID])) == len(selection[schema.SAMPLE_ID])
+
+    # the outputs are exactly what the in-memory core gives on the accepted rows
+    x = vectors[accepted_rows]
+    km = spherical_kmeans(x, 6, iterations=10, seed=1234)
+    core = select_from_clusters(x, km.assignments, km.centroids, num_layers=2, fraction=0.25)
+    assert np.array_equal(centroids, km.centroids) and centroids.dtype == np.float32
+    assert assignments[schema.CLUSTER] == list(km.assignments)
+    assert list(np.flatnonzero(selection[schema.SELECTED])) == list(core.selected)
+    assert summary["quota"] == list(core.clusters.quota)
+    assert sum(selection[schema.SELECTED]) == int(0.25 * len(accepted_rows)) == manifest["health"]["budget"]
+    assert manifest["counts"] == {"records": len(ids), "rejected": 3, "selected": len(core.selected),
+                                  "embedded": 0, "reused": 0}
+    assert manifest["health"]["rejected_by_reason"]["duplicate sample_id"] == 1
+
+
+def test_yaml_config_and_flag_override(storage, tmp_path):
+    emb_uri, *_ = write_corpus(storage, n=120)
+    config = tmp_path / "job.yaml"
+    config.write_text("layers: [3, 7]\ncluster:\n  clusters: 3\n  iterations: 5\nselect:\n  fraction: 0.5\n")
+    out = io.join(storage, "yaml-run")
+    assert main(["select", "--embeddings", emb_uri, "--output", out, "--config", str(config),
+                 "--fraction", "0.1"]) == 0
+    manifest = io.read_json(io.join(out, schema.MANIFEST_PATH))
+    assert manifest["config"]["select"]["fraction"] == 0.1
+    assert manifest["config"]["cluster"]["clusters"] == 3
+    assert manifest["counts"]["selected"] <= int(0.1 * 117)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fraction", "2"], "select.fraction must lie in [0, 1], got 2.0"),
+    (["--clusters", "0"], "cluster.clusters must be at least 1"),
+    (["--layers", "3,x"], "layers must be comma-separated integers"),
+    (["--layers", "3,7,11"], "not a multiple of 2 * 3 layers"),
+])
+def test_bad_configuration_is_one_line(storage, capsys, argv, message):
+    emb_uri, *_ = write_corpus(storage, n=60)
+    code = main(["select", "--embeddings", emb_uri, "--output", io.join(storage, "bad"), "--layers", LAYERS,
+                 "--clusters", "2", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("coincide-ray: error:") and message in err[-1]
+    assert not any("Traceback" in line for line in err)
+    assert not io.exists(io.join(storage, "bad", schema.MANIFEST_PATH))
+
+
+def test_missing_input_and_bad_yaml(storage, tmp_path, capsys):
+    assert main(["select", "--embeddings", io.join(storage, "nowhere"), "--output", io.join(storage, "o")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    config = tmp_path / "job.yaml"
+    config.write_text("select:\n  fractoin: 0.3\n")
+    assert main(["select", "--embeddings", "x", "--output", "y", "--config", str(config)]) == 2
+    assert "unknown configuration key(s): select.fractoin" in capsys.readouterr().err
+
+
+def test_input_without_embedding_column(storage, capsys):
+    io.write_parquet(pa.table({"sample_id": ["a"]}), io.join(storage, "e", "part-0.parquet"))
+    assert main(["select", "--embeddings", io.join(storage, "e"), "--output", io.join(storage, "o"),
+                 "--layers", LAYERS]) == 2
+    assert "lacks column(s) embedding" in capsys.readouterr().err
+
+
+def test_all_rows_bad_is_one_clear_line(storage, capsys):
+    table = pa.table({"sample_id": ["a", "b"], "embedding": pa.array([None, [float("nan")] * 4],
+                                                                      pa.list_(pa.float32()))})
+    io.write_parquet(table, io.join(storage, "e", "part-0.parquet"))
+    assert main(["select", "--embeddings", io.join(storage, "e"), "--output", io.join(storage, "o"),
+                 "--layers", "1"]) == 2
+    assert "no usable embeddings" in capsys.readouterr().err
+
+
+def test_help_has_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["select", "--help"])
+    assert "examples:" in capsys.readouterr().out
+
+
+def test_centroids_load_without_pickle(tmp_path):
+    io.write_npy(np.eye(3, dtype=np.float32), str(tmp_path / "c.npy"))
+    raw = (tmp_path / "c.npy").read_bytes()
+    assert b"pickle" not in raw and np.array_equal(io.read_npy(str(tmp_path / "c.npy")), np.eye(3))
+    json.dumps({})  # manifest is plain JSON (checked above through io.read_json)
