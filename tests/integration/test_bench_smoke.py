@@ -1,0 +1,12 @@
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_selection_benchmark_quick_mode_runs():
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "bench_select.py"), "--quick"],
+                         check=True, capture_output=True, text=True, timeout=300).stdout
+    figures = [line for line in out.splitlines() if line.startswith("mmd_")]
+    assert len(figures) == 3 and all("ratio" in line and "(quick)" in line for line in figures)
