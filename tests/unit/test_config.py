@@ -1,0 +1,49 @@
+from pathlib import Path
+
+import pytest
+
+from coincide_ray.config import ConfigError, JobConfig, load_yaml, merge, parse_layers
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "jobs" / "job.example.yaml"
+
+
+def test_example_config_parses_with_every_key():
+    values = load_yaml(EXAMPLE.read_text())
+    config = JobConfig.from_dict(values)
+    assert config.layers == (3, 7, 11, 15, 19) and config.cluster.clusters == 24
+    assert config.select.fraction == 0.2 and config.select.kernel_memory_mb == 512
+    # the example names every key of every part
+    assert set(values["cluster"]) == set(config.to_dict()["cluster"])
+    assert set(values["select"]) == set(config.to_dict()["select"])
+    assert set(values) == set(config.to_dict())
+
+
+def test_flags_override_file_values():
+    merged = merge({"output": "a", "select": {"fraction": 0.5, "sigma": 2.0}},
+                   {"output": None, "select": {"fraction": 0.1}})
+    config = JobConfig.from_dict(merged)
+    assert config.output == "a" and config.select.fraction == 0.1 and config.select.sigma == 2.0
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"output": "o", "cluster": {"clusters": 2.5}}, "cluster.clusters must be an integer"),
+    ({"output": "o", "select": {"fraction": "lots"}}, "select.fraction must be a number"),
+    ({"output": "o", "select": {"fraction": True}}, "select.fraction must be a number"),
+    ({"output": "o", "bogus": 1}, "unknown configuration key(s): bogus"),
+    ({"output": "o", "layers": [3, 3]}, "layers must not repeat"),
+    ({"output": "o", "layers": []}, "at least one decoder layer"),
+    ({"output": "o", "cluster": [1]}, "cluster must be a mapping"),
+    ({"output": 5}, "output must be a string"),
+])
+def test_bad_values_are_one_line(values, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
+        JobConfig.from_dict(values)
+    assert "\n" not in str(error.value)
+
+
+def test_layers_and_yaml_errors():
+    assert parse_layers("3, 7,11") == (3, 7, 11)
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml("a: [1, 2")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_yaml("- 1\n- 2\n")
