@@ -10,6 +10,8 @@ from importlib import metadata
 
 import numpy as np
 
+from coincide_ray.arrays import unit_rows
+
 COLLAPSED_COSINE = 0.99
 
 
@@ -33,8 +35,7 @@ def fingerprint(entries: list[tuple[str, int]]) -> str:
 
 def collapsed_centroid_pairs(centroids: np.ndarray, block_rows: int = 1024) -> int:
     """Pairs of distinct centroids with cosine > 0.99: clusters that split one mode."""
-    norms = np.linalg.norm(centroids, axis=1, keepdims=True)
-    unit = np.divide(centroids, norms, out=np.zeros_like(centroids, dtype=np.float32), where=norms > 0)
+    unit = unit_rows(centroids)
     pairs = 0
     for start in range(0, len(unit), block_rows):
         cos = unit[start : start + block_rows] @ unit.T

@@ -13,14 +13,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from coincide_ray.select.mmd import check_finite
-
-
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    """float32 rows scaled to unit norm; zero rows stay zero."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+from coincide_ray.arrays import check_finite, unit_rows
 
 
 def initial_centroids(x_unit: np.ndarray, k: int, seed: int) -> np.ndarray:

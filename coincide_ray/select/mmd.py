@@ -20,15 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from coincide_ray.arrays import check_finite
+
 DEFAULT_KERNEL_MEMORY_BYTES = 512 * 2**20
-
-
-def check_finite(x: np.ndarray, what: str = "embedding") -> None:
-    """Raise a ValueError naming the first row that holds NaN or inf."""
-    finite = np.isfinite(x)
-    if not finite.all():
-        row = int(np.flatnonzero(~finite.reshape(len(x), -1).all(axis=1))[0])
-        raise ValueError(f"{what} row {row} holds NaN or inf values")
 
 
 def _gaussian_(gram: np.ndarray, sq_rows: np.ndarray, sq_cols: np.ndarray, sigma: float) -> np.ndarray:

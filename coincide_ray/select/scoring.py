@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from coincide_ray.select.mmd import check_finite
+from coincide_ray.arrays import check_finite, unit_rows
 
 
 def language_halves(vectors: np.ndarray, num_layers: int) -> np.ndarray:
@@ -34,9 +34,7 @@ def transferability(
     Works in row blocks so that K = 10,000 needs a (block, K) matrix, not (K, K).
     """
     check_finite(np.asarray(centroids), "centroid")
-    lang = language_halves(centroids, num_layers).astype(np.float64)
-    norms = np.linalg.norm(lang, axis=1, keepdims=True)
-    unit = np.divide(lang, norms, out=np.zeros_like(lang), where=norms > 0)
+    unit = unit_rows(language_halves(centroids, num_layers), dtype=np.float64)
     k = len(unit)
     result = np.zeros(k)
     for start in range(0, k, block_rows):

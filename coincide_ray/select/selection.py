@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from coincide_ray.arrays import check_finite
 from coincide_ray.select.budget import allocate_budget
-from coincide_ray.select.mmd import DEFAULT_KERNEL_MEMORY_BYTES, ClusterKernel, check_finite
+from coincide_ray.select.mmd import DEFAULT_KERNEL_MEMORY_BYTES, ClusterKernel
 from coincide_ray.select.scoring import transferability
 
 
