@@ -41,3 +41,11 @@ def test_language_halves_layout():
     assert list(language_halves(v, 2)[0]) == [2.0, 3.0, 6.0, 7.0]
     with pytest.raises(ValueError, match="not 2 \\* num_layers"):
         language_halves(np.zeros((1, 10)), 3)
+
+
+def test_centroid_itself_never_counts_even_without_a_mask():
+    # With similarity_mask >= 1 nothing is masked, and i itself must still be left out.
+    c = np.random.default_rng(3).standard_normal((5, 8))
+    for mask in (1.0, 2.0):
+        expected = naive.transferability(c, 2, mask)
+        assert np.allclose(transferability(c, num_layers=2, similarity_mask=mask), expected, rtol=1e-12)
