@@ -5,8 +5,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from coincide_ray import io
+from coincide_ray import io, schema
 from coincide_ray.config import ConfigError, JobConfig, load_yaml, merge
+from coincide_ray.pipeline import stderr_progress
+
+EMBED_EXAMPLES = """examples:
+  coincide-ray embed --input data/llava_v1_5_mix665k.json --image-root data/images --model models/tinyllava \\
+      --output runs/665k --layers 3,7,11,15,19
+  coincide-ray embed --input s3://bucket/vflan/annotation.jsonl --image-root s3://bucket/vflan/images/ \\
+      --model s3://bucket/models/tinyllava --output s3://bucket/runs/vflan --config job.yaml
+"""
+
+RUN_EXAMPLES = """examples:
+  coincide-ray run --input data/records.json --image-root data/images --model models/tinyllava \\
+      --output runs/first --fraction 0.2 --clusters 2500 --layers 3,7,11,15,19
+  coincide-ray run --config job.yaml --output s3://bucket/runs/2026-11-23
+"""
 
 SELECT_EXAMPLES = """examples:
   coincide-ray select --embeddings out/embeddings --output out --fraction 0.2 --clusters 2500 --layers 3,7,11,15,19
@@ -16,10 +30,13 @@ SELECT_EXAMPLES = """examples:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the user must fix something: reported as one line, exit 2."""
+    from coincide_ray.embed.model import ModelError
+    from coincide_ray.io import InputFormatError
     from coincide_ray.pipeline import InputError
     from coincide_ray.schema import SchemaError
 
-    errors: list[type[BaseException]] = [ConfigError, InputError, SchemaError, FileNotFoundError, PermissionError]
+    errors: list[type[BaseException]] = [ConfigError, InputError, InputFormatError, ModelError, SchemaError,
+                                         FileNotFoundError, PermissionError]
     try:
         from botocore.exceptions import NoCredentialsError, EndpointConnectionError
 
@@ -34,39 +51,63 @@ def build_parser() -> argparse.ArgumentParser:
         prog="coincide-ray",
         description="COINCIDE data selection for vision-language instruction tuning.",
     )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--output", metavar="URI", help="local folder or s3:// prefix for the outputs")
+    common.add_argument("--layers", metavar="L,L,...", help="decoder layers to pool (default 3,7,11,15,19)")
+    common.add_argument("--config", metavar="YAML", help="job config file; flags override its keys")
+    sources = argparse.ArgumentParser(add_help=False)
+    sources.add_argument("--input", metavar="URI", help="records: LLaVA JSON list, JSON Lines or Parquet (file or folder)")
+    sources.add_argument("--image-root", metavar="URI", help="folder or s3:// prefix the records' image paths are under")
+    sources.add_argument("--model", metavar="URI", help="image-text-to-text checkpoint folder (local or s3://)")
+    budget = argparse.ArgumentParser(add_help=False)
+    budget.add_argument("--fraction", type=float, metavar="F", help="share of accepted records to select (default 0.2)")
+    budget.add_argument("--clusters", type=int, metavar="K", help="number of k-means clusters (default 1000)")
+    budget.add_argument("--iterations", type=int, metavar="N", help="k-means iterations (default 50)")
+    budget.add_argument("--seed", type=int, metavar="S", help="k-means seed (default 1234)")
+    budget.add_argument("--temperature", type=float, metavar="TAU", help="softmax temperature of the budget (default 0.1)")
+
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    formatter = argparse.RawDescriptionHelpFormatter
+    commands.add_parser(
+        "run", parents=[common, sources, budget], help="every stage: embed, cluster, select",
+        description="Embed every record, then cluster and select; finished work under --output is reused.",
+        epilog=RUN_EXAMPLES, formatter_class=formatter,
+    )
+    commands.add_parser(
+        "embed", parents=[common, sources], help="the small LVLM over every record -> embeddings/",
+        description="Run the model over every record (image + whole conversation) and write "
+        "embeddings/part-*.parquet under --output, one file per input block; blocks already written are skipped.",
+        epilog=EMBED_EXAMPLES, formatter_class=formatter,
+    )
     select = commands.add_parser(
-        "select",
-        help="k-means + COINCIDE selection over finished embeddings",
+        "select", parents=[common, budget], help="k-means + COINCIDE selection over finished embeddings",
         description="Cluster the embeddings, score clusters, spread the budget and rank by greedy MMD; "
         "writes clusters/, selection/ and manifest.json under --output.",
-        epilog=SELECT_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=SELECT_EXAMPLES, formatter_class=formatter,
     )
-    select.add_argument("--embeddings", metavar="URI", help="Parquet file or folder with sample_id, embedding")
-    select.add_argument("--output", metavar="URI", help="local folder or s3:// prefix for the outputs")
-    select.add_argument("--fraction", type=float, metavar="F", help="share of accepted records to select (default 0.2)")
-    select.add_argument("--clusters", type=int, metavar="K", help="number of k-means clusters (default 1000)")
-    select.add_argument("--layers", metavar="L,L,...", help="decoder layers the embeddings came from (default 3,7,11,15,19)")
-    select.add_argument("--iterations", type=int, metavar="N", help="k-means iterations (default 50)")
-    select.add_argument("--seed", type=int, metavar="S", help="k-means seed (default 1234)")
-    select.add_argument("--temperature", type=float, metavar="TAU", help="softmax temperature of the budget (default 0.1)")
-    select.add_argument("--config", metavar="YAML", help="job config file; flags override its keys")
+    select.add_argument("--embeddings", metavar="URI",
+                        help="Parquet file or folder with sample_id, embedding (default: <output>/embeddings)")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
     base = load_yaml(io.read_bytes(args.config).decode()) if args.config else {}
+    given = vars(args)
     flags = {
         "output": args.output,
-        "embeddings": args.embeddings,
+        "input": given.get("input"),
+        "image_root": given.get("image_root"),
+        "model": given.get("model"),
+        "embeddings": given.get("embeddings"),
         "layers": args.layers,
-        "cluster": {"clusters": args.clusters, "iterations": args.iterations, "seed": args.seed},
-        "select": {"fraction": args.fraction, "temperature": args.temperature},
+        "cluster": {"clusters": given.get("clusters"), "iterations": given.get("iterations"), "seed": given.get("seed")},
+        "select": {"fraction": given.get("fraction"), "temperature": given.get("temperature")},
     }
     values = merge(base, flags)
     if not values.get("output"):
         raise ConfigError("--output is required (or output: in the config file)")
+    if args.command in ("run", "select") and not values.get("embeddings"):
+        values["embeddings"] = io.join(values["output"], schema.EMBEDDINGS_DIR)
     return JobConfig.from_dict(values)
 
 
@@ -74,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
-        if args.command == "select":
+        if args.command in ("run", "embed"):
+            from coincide_ray.embed.stage import run_embed
+
+            run_embed(config, progress=stderr_progress)
+        if args.command in ("run", "select"):
             from coincide_ray.pipeline import run_select
 
             run_select(config)

@@ -23,6 +23,27 @@ def _fail_unless(condition: bool, message: str) -> None:
 
 
 @dataclass(frozen=True)
+class EmbedConfig:
+    block_records: int = 64  # records per input block = per embeddings/part-*.parquet file
+    batch_size: int = 8  # samples per forward pass
+    actors: int = 0  # model actors; 0 = one per GPU, or one on a machine without GPUs
+    prepare_workers: int = 0  # CPU workers decoding and tokenising; 0 = the CPUs the model actors leave
+    max_image_pixels: int = 50_000_000  # larger images are rejected (decompression bombs)
+    dtype: str = "auto"  # auto = bfloat16 on GPUs that have it (else float16), float32 on CPU
+    trust_remote_code: bool = False  # run Python shipped with the checkpoint: only for checkpoints you trust
+    model_cache: str = "~/.cache/coincide-ray/models"  # where s3:// checkpoints are copied, once per node
+
+    def validate(self) -> None:
+        _fail_unless(self.block_records >= 1, f"embed.block_records must be at least 1, got {self.block_records}")
+        _fail_unless(self.batch_size >= 1, f"embed.batch_size must be at least 1, got {self.batch_size}")
+        _fail_unless(self.actors >= 0, f"embed.actors must be non-negative, got {self.actors}")
+        _fail_unless(self.prepare_workers >= 0, f"embed.prepare_workers must be non-negative, got {self.prepare_workers}")
+        _fail_unless(self.max_image_pixels >= 1, f"embed.max_image_pixels must be positive, got {self.max_image_pixels}")
+        dtypes = ("auto", "float32", "bfloat16", "float16")
+        _fail_unless(self.dtype in dtypes, f"embed.dtype must be one of {', '.join(dtypes)}, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     clusters: int = 1000  # K; the paper uses 10,000 for LLaVA-665K and 2,500 for Vision-Flan-191K
     iterations: int = 50  # Lloyd iterations
@@ -51,8 +72,12 @@ class SelectConfig:
 @dataclass(frozen=True)
 class JobConfig:
     output: str  # local folder or s3:// prefix that receives every stage's outputs
+    input: str | None = None  # records: LLaVA JSON list, JSON Lines or Parquet (file or folder)
+    image_root: str | None = None  # folder or s3:// prefix that record image paths are relative to
+    model: str | None = None  # image-text-to-text checkpoint folder (local or s3://), safetensors
     embeddings: str | None = None  # Parquet file or folder with sample_id, embedding
     layers: tuple[int, ...] = (3, 7, 11, 15, 19)  # decoder layers whose o_proj outputs are pooled
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
 
@@ -65,6 +90,7 @@ class JobConfig:
         _fail_unless(len(self.layers) > 0, "layers must name at least one decoder layer")
         _fail_unless(all(layer >= 0 for layer in self.layers), f"layers must be non-negative, got {self.layers}")
         _fail_unless(len(set(self.layers)) == len(self.layers), f"layers must not repeat, got {self.layers}")
+        self.embed.validate()
         self.cluster.validate()
         self.select.validate()
         return self
@@ -76,7 +102,7 @@ class JobConfig:
     def from_dict(cls, values: dict[str, Any]) -> "JobConfig":
         """Build from nested plain values (a parsed YAML file merged with flags)."""
         values = dict(values)
-        parts = {"cluster": ClusterConfig, "select": SelectConfig}
+        parts = {"embed": EmbedConfig, "cluster": ClusterConfig, "select": SelectConfig}
         for name, part in parts.items():
             section = values.pop(name, None) or {}
             _fail_unless(isinstance(section, dict), f"{name} must be a mapping of keys")
@@ -107,8 +133,10 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
             raise ConfigError(f"{prefix}{name} must be an integer, got {value!r}")
         if kind == "float" and not numeric:
             raise ConfigError(f"{prefix}{name} must be a number, got {value!r}")
-        if kind == "str" and not isinstance(value, str):
+        if kind in ("str", "str | None") and not isinstance(value, str):
             raise ConfigError(f"{prefix}{name} must be a string, got {value!r}")
+        if kind == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"{prefix}{name} must be true or false, got {value!r}")
         converted[name] = {"int": int, "float": float}.get(kind, lambda v: v)(value)
     try:
         return cls(**converted)

@@ -19,6 +19,10 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 
+class InputFormatError(ValueError):
+    """An input file that cannot be read as its format at all."""
+
+
 def resolve(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, path = fsspec.core.url_to_fs(uri)
     return fs, path

@@ -48,8 +48,9 @@ class Embeddings:
         return len(self.ids) + len(self.rejected)
 
 
-def read_embedding_file(uri: str) -> tuple[list[str | None], list[np.ndarray | None]]:
-    """Ids and per-row float32 vectors (None where the embedding is null)."""
+def read_embedding_file(uri: str) -> tuple[list[str | None], list[np.ndarray | None], list[tuple | None]]:
+    """Ids, per-row float32 vectors (None where null), and the (stage, reason, detail) an
+    earlier stage recorded for rows it rejected (None for the others)."""
     table = io.read_parquet(uri)
     schema.require_columns(table.schema, [schema.SAMPLE_ID, schema.EMBEDDING], uri)
     ids = table.column(schema.SAMPLE_ID).cast(pa.string()).to_pylist()
@@ -65,7 +66,12 @@ def read_embedding_file(uri: str) -> tuple[list[str | None], list[np.ndarray | N
             continue
         vectors.append(values[offset : offset + length])
         offset += length
-    return ids, vectors
+    earlier: list[tuple | None] = [None] * len(ids)
+    if schema.REASON in table.schema.names:
+        columns = [table.column(c).to_pylist() if c in table.schema.names else [None] * len(ids)
+                   for c in (schema.STAGE, schema.REASON, schema.DETAIL)]
+        earlier = [(stage, reason, detail) if reason else None for stage, reason, detail in zip(*columns)]
+    return ids, vectors, earlier
 
 
 def load_embeddings(uri: str, stage: str = "select") -> Embeddings:
@@ -78,7 +84,7 @@ def load_embeddings(uri: str, stage: str = "select") -> Embeddings:
     first_seen: dict[str, str] = {}
     dim: int | None = None
     for path in io.list_files(uri, (".parquet",)):
-        ids, vectors = read_embedding_file(path)
+        ids, vectors, earlier = read_embedding_file(path)
         out.files.append((path, len(ids)))
         if dim is None:
             dims = Counter(len(v) for v in vectors if v is not None and len(v))
@@ -86,6 +92,9 @@ def load_embeddings(uri: str, stage: str = "select") -> Embeddings:
         for row, (sample_id, vector) in enumerate(zip(ids, vectors)):
             where = f"{path}#{row}"
             reason, detail = None, where
+            if earlier[row]:  # rejected by the stage that wrote the file: keep its verdict
+                out.rejected.append((sample_id or where, *earlier[row]))
+                continue
             if not sample_id:
                 sample_id, reason = where, "missing sample_id"
             elif sample_id in first_seen:

@@ -29,7 +29,28 @@ SUMMARY = pa.schema(
 SELECTION = pa.schema([(SAMPLE_ID, pa.string()), (CLUSTER, pa.int64()), (RANK, pa.int64()), (SELECTED, pa.bool_())])
 REJECTED = pa.schema([(SAMPLE_ID, pa.string()), (STAGE, pa.string()), (REASON, pa.string()), (DETAIL, pa.string())])
 
+IMAGE_TOKENS = "image_tokens"
+TEXT_TOKENS = "text_tokens"
+
+# One file per input block: every record of the block, in block order. Rejected records
+# have a null embedding and say why in stage/reason/detail, so a block's accounting is one
+# atomic file.
+EMBEDDINGS = pa.schema(
+    [
+        (SAMPLE_ID, pa.string()),
+        (EMBEDDING, pa.list_(pa.float32())),
+        (IMAGE_TOKENS, pa.int32()),
+        (TEXT_TOKENS, pa.int32()),
+        (STAGE, pa.string()),
+        (REASON, pa.string()),
+        (DETAIL, pa.string()),
+    ]
+)
+
 # Paths under --output.
+EMBEDDINGS_DIR = "embeddings"
+PROVENANCE_PATH = "embeddings/_provenance.json"
+EMBEDDINGS_DONE_PATH = "embeddings/_SUCCESS"
 CENTROIDS_PATH = "clusters/centroids.npy"
 ASSIGNMENTS_PATH = "clusters/assignments.parquet"
 SUMMARY_PATH = "clusters/summary.parquet"

@@ -13,9 +13,10 @@ def test_example_config_parses_with_every_key():
     assert config.layers == (3, 7, 11, 15, 19) and config.cluster.clusters == 24
     assert config.select.fraction == 0.2 and config.select.kernel_memory_mb == 512
     # the example names every key of every part
-    assert set(values["cluster"]) == set(config.to_dict()["cluster"])
-    assert set(values["select"]) == set(config.to_dict()["select"])
+    for part in ("embed", "cluster", "select"):
+        assert set(values[part]) == set(config.to_dict()[part]), part
     assert set(values) == set(config.to_dict())
+    assert config.embed.trust_remote_code is False
 
 
 def test_flags_override_file_values():
@@ -34,6 +35,9 @@ def test_flags_override_file_values():
     ({"output": "o", "layers": []}, "at least one decoder layer"),
     ({"output": "o", "cluster": [1]}, "cluster must be a mapping"),
     ({"output": 5}, "output must be a string"),
+    ({"output": "o", "embed": {"trust_remote_code": "yes"}}, "embed.trust_remote_code must be true or false"),
+    ({"output": "o", "embed": {"dtype": "float8"}}, "embed.dtype must be one of"),
+    ({"output": "o", "embed": {"block_records": 0}}, "embed.block_records must be at least 1"),
 ])
 def test_bad_values_are_one_line(values, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:

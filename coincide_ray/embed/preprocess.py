@@ -1,0 +1,136 @@
+"""CPU-side preparation of one input block: fetch and decode images, render the chat
+template, tokenise. Everything that can go wrong with one record becomes a Rejection;
+the model actors only ever receive ready tensors."""
+
+from __future__ import annotations
+
+import io as _io
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from coincide_ray import io
+from coincide_ray.embed.msa import LANGUAGE_START
+from coincide_ray.records import Record, Rejection, chat_messages
+
+STAGE = "embed"
+
+
+@dataclass
+class Batch:
+    """Model inputs for some records of a block, and their positions in the block."""
+
+    positions: list[int]
+    inputs: dict[str, np.ndarray]
+
+
+@dataclass
+class PreparedBlock:
+    block: int
+    ids: list[str]  # every record of the block, in block order
+    batches: list[Batch] = field(default_factory=list)
+    rejected: dict[int, Rejection] = field(default_factory=dict)  # position -> why
+
+
+def template_prefix_tokens(processor) -> int:
+    """Tokens of the chat template that come before any conversation text: the common
+    token prefix of two text-only conversations that differ from their first character."""
+    def ids(text: str) -> list[int]:
+        messages = [{"role": "user", "content": [{"type": "text", "text": text}]}]
+        prompt = processor.apply_chat_template(messages, tokenize=False)
+        return processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    a, b = ids("alpha"), ids("1 2 3")
+    common = 0
+    while common < min(len(a), len(b)) and a[common] == b[common]:
+        common += 1
+    return common
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """An RGB image; ValueError with a short reason for anything unusable."""
+    if not data:
+        raise ValueError("empty image file")
+    try:
+        image = Image.open(_io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ValueError("not an image") from None
+    except Image.DecompressionBombError:
+        raise ValueError("image over the pixel limit") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ValueError("image over the pixel limit")
+    try:
+        image.load()
+    except (OSError, SyntaxError, Image.DecompressionBombError):
+        raise ValueError("truncated or corrupt image") from None
+    return image.convert("RGB")
+
+
+class Preprocessor:
+    """Turns the records of one block into model-ready batches (runs in CPU workers)."""
+
+    def __init__(self, processor, *, image_root: str | None, batch_size: int, max_image_pixels: int):
+        self.processor = processor
+        self.image_root = image_root
+        self.batch_size = batch_size
+        self.max_image_pixels = max_image_pixels
+        self.language_start = template_prefix_tokens(processor)
+        self.image_token_id = getattr(processor, "image_token_id", None)
+
+    def fetch(self, record: Record) -> Image.Image:
+        if self.image_root is None:
+            raise ValueError("record names an image but no --image-root was given")
+        uri = io.join(self.image_root, record.image)
+        try:
+            data = io.read_bytes(uri)
+        except FileNotFoundError:
+            raise ValueError("missing image file") from None
+        except (PermissionError, OSError) as error:
+            raise ValueError(f"image not readable ({type(error).__name__})") from None
+        return decode_image(data, self.max_image_pixels)
+
+    def encode(self, prompts: list[str], images: list[Image.Image] | None) -> dict[str, np.ndarray]:
+        kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "np", "padding": True}
+        if images is not None:
+            kwargs["images"] = [[image] for image in images]
+        out = dict(self.processor(**kwargs))
+        out[LANGUAGE_START] = np.full(len(prompts), self.language_start, dtype=np.int64)
+        return out
+
+    def prepare(self, block: int, items: list[Record | Rejection]) -> PreparedBlock:
+        prepared = PreparedBlock(block, [item.id for item in items])
+        ready: dict[bool, list[tuple[int, str, Image.Image | None]]] = {True: [], False: []}
+        for position, item in enumerate(items):
+            if isinstance(item, Rejection):
+                prepared.rejected[position] = item
+                continue
+            try:
+                image = self.fetch(item) if item.image is not None else None
+                prompt = self.processor.apply_chat_template(chat_messages(item), tokenize=False)
+            except Exception as error:  # one bad record never takes its block down
+                reason = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+                prepared.rejected[position] = Rejection(item.id, STAGE, reason, item.position)
+                continue
+            ready[image is not None].append((position, prompt, image))
+        # Records with and without images are batched apart: some processors cannot mix them.
+        for with_image, rows in ready.items():
+            for start in range(0, len(rows), self.batch_size):
+                self._add_batch(prepared, rows[start : start + self.batch_size], with_image, items)
+        return prepared
+
+    def _add_batch(self, prepared: PreparedBlock, rows, with_image: bool, items) -> None:
+        try:
+            inputs = self.encode([p for _, p, _ in rows], [i for _, _, i in rows] if with_image else None)
+            prepared.batches.append(Batch([position for position, _, _ in rows], inputs))
+            return
+        except Exception as error:
+            if len(rows) == 1:
+                item = items[rows[0][0]]
+                detail = f"{item.position}: {type(error).__name__}: {str(error)[:300]}"
+                prepared.rejected[rows[0][0]] = Rejection(item.id, STAGE, "processor failed", detail)
+                return
+        for row in rows:  # find the record that broke the batch; keep the others
+            self._add_batch(prepared, [row], with_image, items)
