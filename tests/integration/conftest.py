@@ -36,3 +36,21 @@ def storage(request, tmp_path):
         return str(tmp_path)
     request.getfixturevalue("s3_endpoint")
     return f"s3://coincide-test/{uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
+    """One local Ray for the whole session. It starts after the S3 endpoint so that its
+    workers inherit AWS_ENDPOINT_URL and the test credentials."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from coincide_ray.embed.tiny import build_tiny_checkpoint
+
+    return str(build_tiny_checkpoint(tmp_path_factory.mktemp("model"), "llava", layers=6))

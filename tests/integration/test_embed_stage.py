@@ -1,0 +1,133 @@
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from coincide_ray import io, schema
+from coincide_ray.cli import main
+from coincide_ray.corpus import BROKEN_REASONS, write_corpus
+from coincide_ray.embed.msa import extract_msa_embeddings
+from coincide_ray.embed.preprocess import Preprocessor
+from coincide_ray.records import parse_record
+
+LAYERS = "1,3,4"
+
+
+def job_yaml(tmp_path, name, block_records, batch_size):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"embed:\n  block_records: {block_records}\n  batch_size: {batch_size}\n"
+                    f"  model_cache: {tmp_path / 'cache'}\n")
+    return str(path)
+
+
+def upload_folder(local, uri):
+    for name in sorted(os.listdir(local)):
+        io.write_bytes(io.join(uri, name), open(os.path.join(local, name), "rb").read())
+
+
+def run(storage, tmp_path, model, output, block_records=8, batch_size=4):
+    return main(["run", "--input", io.join(storage, "corpus", "records.json"),
+                 "--image-root", io.join(storage, "corpus"), "--model", model, "--output", output,
+                 "--layers", LAYERS, "--clusters", "3", "--iterations", "5", "--fraction", "0.3",
+                 "--config", job_yaml(tmp_path, output.rsplit("/", 1)[-1], block_records, batch_size)])
+
+
+def embeddings_by_id(output):
+    vectors = {}
+    for path in io.list_files(io.join(output, "embeddings"), (".parquet",)):
+        table = io.read_parquet(path).to_pydict()
+        for sample_id, vector in zip(table["sample_id"], table["embedding"]):
+            if vector is not None:
+                vectors[sample_id] = np.array(vector, np.float32)
+    return vectors
+
+
+@pytest.mark.slow
+def test_run_from_records_to_selection(storage, tmp_path, tiny_model, ray_session):
+    records = write_corpus(io.join(storage, "corpus", "records.json"), io.join(storage, "corpus"), 30, seed=3)
+    model = tiny_model
+    if storage.startswith("s3://"):
+        model = io.join(storage, "model")
+        upload_folder(tiny_model, model)
+    out = io.join(storage, "run")
+    assert run(storage, tmp_path, model, out) == 0
+
+    # every record ends selected, not selected or rejected, the planted bad ones with their reason
+    selection = io.read_parquet(io.join(out, schema.SELECTION_PATH)).to_pydict()
+    rejected = io.read_parquet(io.join(out, schema.REJECTED_PATH)).to_pydict()
+    assert len(selection["sample_id"]) + len(rejected["sample_id"]) == len(records)
+    assert dict(zip(rejected["sample_id"], rejected["reason"])) == BROKEN_REASONS
+    assert set(rejected["stage"]) <= {"read", "embed"}
+    good = [r["id"] for r in records if r["concept"] != "broken"]
+    assert selection["sample_id"] == good  # canonical order
+    assert sum(selection["selected"]) == int(0.3 * len(good))
+
+    # the pipeline's vectors are the core's vectors on the same records
+    vectors = embeddings_by_id(out)
+    hf = AutoModelForImageTextToText.from_pretrained(tiny_model, use_safetensors=True).eval()
+    pre = Preprocessor(AutoProcessor.from_pretrained(tiny_model), image_root=io.join(storage, "corpus"),
+                       batch_size=4, max_image_pixels=10**7)
+    sample = [parse_record(r, f"check#{i}") for i, r in enumerate(records[:6])]
+    prepared = pre.prepare(0, sample)
+    for batch in prepared.batches:
+        direct = extract_msa_embeddings(hf, batch.inputs, [1, 3, 4])
+        for k, position in enumerate(batch.positions):
+            assert np.allclose(vectors[sample[position].id], direct[k], atol=1e-5)
+    provenance = io.read_json(io.join(out, schema.PROVENANCE_PATH))
+    assert provenance["dimension"] == 2 * 3 * 32 and provenance["layers"] == [1, 3, 4]
+    manifest = io.read_json(io.join(out, schema.MANIFEST_PATH))
+    assert manifest["counts"]["rejected"] == len(BROKEN_REASONS)
+
+    # a second run finds every block written and rewrites none of them
+    parts = io.list_files(io.join(out, "embeddings"), (".parquet",))
+    before = {p: io.read_bytes(p) for p in parts}
+    fs, _ = io.resolve(parts[0])
+    stamps = {p: fs.info(io.resolve(p)[1]).get("LastModified") or fs.info(io.resolve(p)[1]).get("mtime")
+              for p in parts}
+    assert run(storage, tmp_path, model, out) == 0
+    assert {p: io.read_bytes(p) for p in parts} == before
+    assert {p: fs.info(io.resolve(p)[1]).get("LastModified") or fs.info(io.resolve(p)[1]).get("mtime")
+            for p in parts} == stamps
+
+    # another parallel layout: same vectors, same selection
+    other = io.join(storage, "run-other-layout")
+    assert run(storage, tmp_path, model, other, block_records=5, batch_size=3) == 0
+    other_vectors = embeddings_by_id(other)
+    assert other_vectors.keys() == vectors.keys()
+    assert all(np.allclose(other_vectors[k], vectors[k], atol=1e-5) for k in vectors)
+    other_selection = io.read_parquet(io.join(other, schema.SELECTION_PATH)).to_pydict()
+    assert other_selection["selected"] == selection["selected"]
+
+
+def test_model_errors_are_one_line(tmp_path, capsys, tiny_model):
+    (tmp_path / "records.json").write_text(json.dumps([{"id": "a", "conversations": [
+        {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]))
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    (weightless / "config.json").write_text("{}")
+    (weightless / "pytorch_model.bin").write_bytes(b"pickled")
+    code = main(["embed", "--input", str(tmp_path / "records.json"), "--model", str(weightless),
+                 "--output", str(tmp_path / "out"), "--layers", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "no .safetensors weights" in err[-1] and "Traceback" not in "\n".join(err)
+    code = main(["embed", "--input", str(tmp_path / "records.json"), "--model", tiny_model,
+                 "--output", str(tmp_path / "out2"), "--layers", "1,9"])
+    assert code == 2 and "out of range" in capsys.readouterr().err
+    code = main(["embed", "--input", str(tmp_path / "records.json"), "--model", str(tmp_path / "none"),
+                 "--output", str(tmp_path / "out3"), "--layers", "1"])
+    assert code == 2 and "no checkpoint folder" in capsys.readouterr().err
+
+
+def test_changed_model_is_not_mixed_into_old_shards(tmp_path, tiny_model, ray_session, capsys):
+    from coincide_ray.embed.tiny import build_tiny_checkpoint
+
+    write_corpus(str(tmp_path / "corpus" / "records.json"), str(tmp_path / "corpus"), 6, seed=1, broken=False)
+    args = ["embed", "--input", str(tmp_path / "corpus" / "records.json"), "--image-root", str(tmp_path / "corpus"),
+            "--output", str(tmp_path / "out"), "--layers", "1"]
+    assert main(args + ["--model", tiny_model]) == 0
+    other = build_tiny_checkpoint(tmp_path / "other-model", "llava", layers=6, seed=5)
+    assert main(args + ["--model", str(other)]) == 2
+    assert "made with other model_fingerprint" in capsys.readouterr().err
