@@ -115,14 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
+        embedded = 0
         if args.command in ("run", "embed"):
             from coincide_ray.embed.stage import run_embed
 
-            run_embed(config, progress=stderr_progress)
+            embedded = run_embed(config, progress=stderr_progress).embedded
         if args.command in ("run", "select"):
             from coincide_ray.pipeline import run_select
 
-            run_select(config)
+            run_select(config, embedded=embedded)
     except user_errors() as error:
         print(f"coincide-ray: error: {error}", file=sys.stderr)
         return 2

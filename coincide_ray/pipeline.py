@@ -115,8 +115,25 @@ def load_embeddings(uri: str, stage: str = "select") -> Embeddings:
     return out
 
 
-def run_select(config: JobConfig, progress: Progress = stderr_progress) -> dict:
-    """k-means + COINCIDE selection over an embeddings Parquet; returns the manifest."""
+def write_selected_records(input_uri: str, selected_ids: set[str], uri: str) -> int:
+    """The selected original records, unchanged, in canonical order, as one JSON list."""
+    from coincide_ray.records import read_raw_records
+
+    chosen, seen = [], set()
+    for _, raw in read_raw_records(input_uri):
+        sample_id = raw.get("id") if isinstance(raw, dict) else None
+        if sample_id in selected_ids and sample_id not in seen:  # a later duplicate of an id was rejected
+            chosen.append(raw)
+            seen.add(sample_id)
+    io.write_json(chosen, uri)
+    return len(chosen)
+
+
+def run_select(config: JobConfig, progress: Progress = stderr_progress, embedded: int = 0) -> dict:
+    """k-means + COINCIDE selection over an embeddings Parquet; returns the manifest.
+
+    `embedded` is how many vectors the embed stage of this run computed (the rest of the
+    accepted ones were reused from earlier runs)."""
     config.validate()
     if not config.embeddings:
         raise InputError("the select stage needs embeddings (--embeddings URI)")
@@ -166,6 +183,14 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress) -> dict:
     io.write_parquet(pa.table(dict(zip(schema.REJECTED.names, rejected)),
                               schema=schema.REJECTED), io.join(out, schema.REJECTED_PATH))
 
+    paths = [("centroids", schema.CENTROIDS_PATH), ("assignments", schema.ASSIGNMENTS_PATH),
+             ("summary", schema.SUMMARY_PATH), ("selection", schema.SELECTION_PATH),
+             ("rejected", schema.REJECTED_PATH)]
+    if config.input:
+        chosen = {data.ids[i] for i in selection.selected}
+        written = write_selected_records(config.input, chosen, io.join(out, schema.SELECTED_RECORDS_PATH))
+        progress(f"wrote {written} selected records to {io.join(out, schema.SELECTED_RECORDS_PATH)}")
+        paths.append(("selected_records", schema.SELECTED_RECORDS_PATH))
     manifest = {
         "command": command_line(),
         "config": config.to_dict(),
@@ -173,14 +198,11 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress) -> dict:
         "input": {"embeddings": config.embeddings, "files": [p for p, _ in data.files],
                   "fingerprint": fingerprint(data.files)},
         "counts": {"records": data.records, "rejected": len(data.rejected), "selected": int(selected.sum()),
-                   "embedded": 0, "reused": 0},
+                   "embedded": embedded, "reused": len(data.ids) - embedded if config.input else 0},
         "health": health(kmeans.centroids, selection.clusters.size, [r for _, _, r, _ in data.rejected],
                          selection.budget, int(selected.sum())),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "paths": {name: io.join(out, path) for name, path in [
-            ("centroids", schema.CENTROIDS_PATH), ("assignments", schema.ASSIGNMENTS_PATH),
-            ("summary", schema.SUMMARY_PATH), ("selection", schema.SELECTION_PATH),
-            ("rejected", schema.REJECTED_PATH)]},
+        "paths": {name: io.join(out, path) for name, path in paths},
     }
     io.write_json(manifest, io.join(out, schema.MANIFEST_PATH))  # last: marks the run complete
     progress(f"outputs under {out} (manifest: {io.join(out, schema.MANIFEST_PATH)})")

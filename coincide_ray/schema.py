@@ -56,6 +56,7 @@ ASSIGNMENTS_PATH = "clusters/assignments.parquet"
 SUMMARY_PATH = "clusters/summary.parquet"
 SELECTION_PATH = "selection/selection.parquet"
 REJECTED_PATH = "selection/rejected.parquet"
+SELECTED_RECORDS_PATH = "selection/selected.json"
 MANIFEST_PATH = "manifest.json"
 
 

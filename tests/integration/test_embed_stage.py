@@ -80,6 +80,10 @@ def test_run_from_records_to_selection(storage, tmp_path, tiny_model, ray_sessio
     assert provenance["dimension"] == 2 * 3 * 32 and provenance["layers"] == [1, 3, 4]
     manifest = io.read_json(io.join(out, schema.MANIFEST_PATH))
     assert manifest["counts"]["rejected"] == len(BROKEN_REASONS)
+    assert manifest["counts"]["embedded"] == len(good) and manifest["counts"]["reused"] == 0
+    chosen = {i for i, s in zip(selection["sample_id"], selection["selected"]) if s}
+    assert io.read_json(io.join(out, schema.SELECTED_RECORDS_PATH)) == [r for r in records if r["id"] in chosen
+                                                                        and r["concept"] != "broken"]
 
     # a second run finds every block written and rewrites none of them
     parts = io.list_files(io.join(out, "embeddings"), (".parquet",))
@@ -88,6 +92,7 @@ def test_run_from_records_to_selection(storage, tmp_path, tiny_model, ray_sessio
     stamps = {p: fs.info(io.resolve(p)[1]).get("LastModified") or fs.info(io.resolve(p)[1]).get("mtime")
               for p in parts}
     assert run(storage, tmp_path, model, out) == 0
+    assert io.read_json(io.join(out, schema.MANIFEST_PATH))["counts"]["reused"] == len(good)
     assert {p: io.read_bytes(p) for p in parts} == before
     assert {p: fs.info(io.resolve(p)[1]).get("LastModified") or fs.info(io.resolve(p)[1]).get("mtime")
             for p in parts} == stamps
