@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from coincide_ray import io, schema
@@ -111,19 +112,33 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     return JobConfig.from_dict(values)
 
 
+def start_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local Ray."""
+    import logging
+
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address or None, logging_level=logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
-        embedded = 0
+        embed = None
         if args.command in ("run", "embed"):
             from coincide_ray.embed.stage import run_embed
+            from coincide_ray.pipeline import EmbedStats
 
-            embedded = run_embed(config, progress=stderr_progress).embedded
+            start_ray()
+            result = run_embed(config, progress=stderr_progress)
+            embed = EmbedStats(result.embedded, round(result.seconds, 3))
         if args.command in ("run", "select"):
             from coincide_ray.pipeline import run_select
 
-            run_select(config, embedded=embedded)
+            run_select(config, embed=embed)
     except user_errors() as error:
         print(f"coincide-ray: error: {error}", file=sys.stderr)
         return 2

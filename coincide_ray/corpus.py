@@ -132,8 +132,9 @@ BROKEN_REASONS = {
 
 def _broken_records(image_root: str, image_size: int) -> list[dict]:
     turns = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "Something."}]
-    good = _io.BytesIO()
-    Image.new("RGB", (image_size, image_size), (1, 2, 3)).save(good, format="PNG")
+    noise = np.random.default_rng(0).integers(0, 255, (image_size, image_size, 3), dtype=np.uint8)
+    good = _io.BytesIO()  # noise does not compress: half the file is half the pixel data
+    Image.fromarray(noise).save(good, format="PNG")
     files = {
         "broken/corrupt.png": b"this is not a png at all",
         "broken/truncated.png": good.getvalue()[: len(good.getvalue()) // 2],

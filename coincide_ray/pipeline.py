@@ -129,15 +129,21 @@ def write_selected_records(input_uri: str, selected_ids: set[str], uri: str) -> 
     return len(chosen)
 
 
-def run_select(config: JobConfig, progress: Progress = stderr_progress, embedded: int = 0) -> dict:
-    """k-means + COINCIDE selection over an embeddings Parquet; returns the manifest.
+@dataclass(frozen=True)
+class EmbedStats:
+    """What the embed stage of this run did, for the manifest."""
 
-    `embedded` is how many vectors the embed stage of this run computed (the rest of the
-    accepted ones were reused from earlier runs)."""
+    embedded: int  # vectors computed by this run; the other accepted ones were reused
+    seconds: float
+
+
+def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: EmbedStats | None = None) -> dict:
+    """k-means + COINCIDE selection over an embeddings Parquet; returns the manifest."""
     config.validate()
     if not config.embeddings:
         raise InputError("the select stage needs embeddings (--embeddings URI)")
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"embed": embed.seconds} if embed else {}
+    embedded = embed.embedded if embed else 0
     out = config.output
 
     start = time.perf_counter()
@@ -198,7 +204,7 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embedded
         "input": {"embeddings": config.embeddings, "files": [p for p, _ in data.files],
                   "fingerprint": fingerprint(data.files)},
         "counts": {"records": data.records, "rejected": len(data.rejected), "selected": int(selected.sum()),
-                   "embedded": embedded, "reused": len(data.ids) - embedded if config.input else 0},
+                   "embedded": embedded, "reused": len(data.ids) - embedded if embed else 0},
         "health": health(kmeans.centroids, selection.clusters.size, [r for _, _, r, _ in data.rejected],
                          selection.budget, int(selected.sum())),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},

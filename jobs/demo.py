@@ -1,8 +1,10 @@
-"""`make demo`: the selection job on an embedded default, on this machine.
+"""`make demo`: the whole job on an embedded default, on this machine.
 
-Until the embedding stage lands, the demo generates sample vectors with planted
-concept-skill groups (shaped like DESIGN.md step 1 output, including text-only rows and a
-few broken rows) and runs clustering + selection on them.
+Makes a small concept-skill corpus (real PNG images of coloured shapes and signs, questions
+of five skills, text-only records and deliberately broken ones) and a tiny random-weight
+LLaVA-family checkpoint, then runs `coincide-ray run` on a local Ray: embed, cluster, select.
+Random weights make the clusters follow surface features of the images and text; point
+--model at a real checkpoint (README) for clusters that mean something.
 """
 
 from __future__ import annotations
@@ -10,54 +12,49 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
-
 from coincide_ray import io, schema
-from coincide_ray.config import ClusterConfig, JobConfig, SelectConfig
-from coincide_ray.pipeline import run_select
-from coincide_ray.synthetic import planted_embeddings
-
-
-def make_embeddings(folder: Path, n: int, groups: int, seed: int) -> str:
-    vectors, labels = planted_embeddings(n, num_layers=5, hidden=32, groups=groups, noise=0.7, seed=seed)
-    ids = [f"demo-{i:06d}" for i in range(n)]
-    vectors[7, 3] = np.nan  # broken rows: the job rejects them with a reason
-    ids[11] = ids[10]
-    folder.mkdir(parents=True, exist_ok=True)
-    half = n // 2
-    for part, rows in enumerate([slice(0, half), slice(half, n)]):
-        table = schema.embeddings_table(ids[rows], vectors[rows], {"group": labels[rows]})
-        pq.write_table(table, folder / f"part-{part:05d}.parquet")
-    return str(folder)
+from coincide_ray.cli import main as cli_main
+from coincide_ray.corpus import write_corpus
+from coincide_ray.embed.tiny import build_tiny_checkpoint
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="demo-output", help="folder for the run (default demo-output)")
-    parser.add_argument("--records", type=int, default=4000)
+    parser.add_argument("--records", type=int, default=2000, help="good records in the corpus (default 2000)")
     args = parser.parse_args()
-    output = Path(args.output).resolve()
+    root = Path(args.output).resolve()
     start = time.perf_counter()
-    embeddings = make_embeddings(output / "input-embeddings", args.records, groups=12, seed=0)
-    config = JobConfig(
-        output=str(output),
-        embeddings=embeddings,
-        layers=(3, 7, 11, 15, 19),
-        cluster=ClusterConfig(clusters=24, iterations=20),
-        select=SelectConfig(fraction=0.2),
-    )
-    manifest = run_select(config)
+    corpus = root / "corpus"
+    records_file = corpus / "records.json"
+    if not records_file.exists():
+        print(f"making {args.records} records with images under {corpus} ...", flush=True)
+        write_corpus(str(records_file), str(corpus), args.records, seed=0)
+    model = root / "model"
+    if not (model / "config.json").exists():
+        print(f"making a tiny random-weight LLaVA checkpoint under {model} ...", flush=True)
+        build_tiny_checkpoint(model, "llava", hidden=64, layers=8, heads=4, image_size=64)
+    code = cli_main(["run", "--input", str(records_file), "--image-root", str(corpus), "--model", str(model),
+                     "--output", str(root), "--layers", "1,3,5,7", "--clusters", "40", "--iterations", "20",
+                     "--fraction", "0.2"])
+    if code:
+        return code
+    manifest = io.read_json(str(root / schema.MANIFEST_PATH))
     counts = manifest["counts"]
-    print(f"\ncoincide-ray demo finished in {time.perf_counter() - start:.1f}s")
-    print(f"  records {counts['records']}, rejected {counts['rejected']}, selected {counts['selected']}")
+    print(f"\ncoincide-ray demo finished in {time.perf_counter() - start:.0f}s")
+    print(f"  records {counts['records']}: selected {counts['selected']}, rejected {counts['rejected']}, "
+          f"embedded {counts['embedded']}, reused {counts['reused']}")
     print(f"  rejected by reason: {manifest['health']['rejected_by_reason']}")
-    print(f"  outputs: {output}")
+    print(f"  seconds per stage: {manifest['timings_s']}")
+    selected = io.read_json(str(root / schema.SELECTED_RECORDS_PATH))
+    print(f"  selected skills: {dict(sorted(Counter(r['skill'] for r in selected).items()))}")
+    print(f"  outputs under {root}:")
     for name, path in manifest["paths"].items():
-        print(f"    {name:12s} {path}")
-    print(f"    {'manifest':12s} {io.join(str(output), schema.MANIFEST_PATH)}")
+        print(f"    {name:17s} {path}")
+    print(f"    {'manifest':17s} {root / schema.MANIFEST_PATH}")
     return 0
 
 

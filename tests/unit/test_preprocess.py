@@ -1,0 +1,77 @@
+import io as _io
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import AutoProcessor
+
+from coincide_ray.corpus import bomb_png
+from coincide_ray.embed.preprocess import Preprocessor, decode_image, template_prefix_tokens
+from coincide_ray.embed.tiny import build_tiny_checkpoint
+from coincide_ray.records import Record, Rejection
+
+
+def png(size=(20, 10), noise=False):
+    buffer = _io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8) if noise else None
+    image = Image.fromarray(pixels) if noise else Image.new("RGB", size, (9, 9, 9))
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def truncated_png():
+    """Noise does not compress, so cutting the file in half cuts the pixel data."""
+    data = png((64, 64), noise=True)
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty image file"),
+    (b"GIF89a-not-really", "not an image"),
+    (truncated_png(), "truncated or corrupt image"),
+    (bomb_png(), "image over the pixel limit"),
+])
+def test_unusable_images_say_why(data, reason):
+    with pytest.raises(ValueError, match=reason):
+        decode_image(data, max_pixels=10_000_000)
+
+
+def test_pixel_limit_and_good_images():
+    with pytest.raises(ValueError, match="pixel limit"):
+        decode_image(png((100, 100)), max_pixels=9_999)
+    image = decode_image(png(), max_pixels=10_000)
+    assert image.mode == "RGB" and image.size == (20, 10)
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory):
+    return AutoProcessor.from_pretrained(build_tiny_checkpoint(tmp_path_factory.mktemp("m"), "llava", layers=2))
+
+
+def test_template_prefix_is_the_system_part_and_user_header(processor):
+    n = template_prefix_tokens(processor)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What colour?"}]}]
+    ids = processor.tokenizer(processor.apply_chat_template(messages, tokenize=False), add_special_tokens=False)
+    prefix = processor.tokenizer.decode(ids["input_ids"][:n])
+    assert prefix.startswith("A chat between") and prefix.rstrip().endswith("USER:")
+
+
+def test_a_bad_record_never_takes_its_block_down(processor, tmp_path):
+    (tmp_path / "ok.png").write_bytes(png((40, 40)))
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    turns = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A thing."}]
+    items = [Record("a", "ok.png", turns, "p#0"), Record("b", "bad.png", turns, "p#1"),
+             Rejection("c", "read", "missing id", "p#2"), Record("d", None, turns, "p#3"),
+             Record("e", "missing.png", turns, "p#4")]
+    pre = Preprocessor(processor, image_root=str(tmp_path), batch_size=4, max_image_pixels=10**6)
+    block = pre.prepare(7, items)
+    assert block.block == 7 and block.ids == ["a", "b", "c", "d", "e"]
+    assert {p: r.reason for p, r in block.rejected.items()} == {1: "not an image", 2: "missing id",
+                                                                 4: "missing image file"}
+    assert sorted(p for b in block.batches for p in b.positions) == [0, 3]
+    for batch in block.batches:  # image and text-only records are never mixed in a batch
+        has_image = [bool((ids == processor.image_token_id).any()) for ids in batch.inputs["input_ids"]]
+        assert len(set(has_image)) == 1
+        assert (batch.inputs["language_start"] == template_prefix_tokens(processor)).all()
+    no_root = Preprocessor(processor, image_root=None, batch_size=4, max_image_pixels=10**6).prepare(0, items[:1])
+    assert no_root.rejected[0].reason == "record names an image but no --image-root was given"
