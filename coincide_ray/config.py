@@ -76,20 +76,28 @@ class JobConfig:
     image_root: str | None = None  # folder or s3:// prefix that record image paths are relative to
     model: str | None = None  # image-text-to-text checkpoint folder (local or s3://), safetensors
     embeddings: str | None = None  # Parquet file or folder with sample_id, embedding
-    layers: tuple[int, ...] = (3, 7, 11, 15, 19)  # decoder layers whose o_proj outputs are pooled
+    # Decoder layers whose o_proj outputs are pooled. None: the paper's choice (3, 7, 11, 15, 19
+    # of 24 layers) at the same relative depths of the checkpoint's decoder; `select` then
+    # takes the layers recorded with the embeddings.
+    layers: tuple[int, ...] | None = None
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
 
     @property
     def num_layers(self) -> int:
+        if self.layers is None:
+            raise ConfigError("layers are not known: give --layers")
         return len(self.layers)
 
     def validate(self) -> "JobConfig":
         _fail_unless(bool(self.output), "output must be given")
-        _fail_unless(len(self.layers) > 0, "layers must name at least one decoder layer")
-        _fail_unless(all(layer >= 0 for layer in self.layers), f"layers must be non-negative, got {self.layers}")
-        _fail_unless(len(set(self.layers)) == len(self.layers), f"layers must not repeat, got {self.layers}")
+        if self.layers is not None:
+            layers = self.layers
+            _fail_unless(len(layers) > 0, "layers must name at least one decoder layer")
+            _fail_unless(all(layer >= 0 for layer in layers), f"layers must be non-negative, got {layers}")
+            _fail_unless(len(set(layers)) == len(layers), f"layers must not repeat, got {layers}")
+            _fail_unless(list(layers) == sorted(layers), f"layers must be in ascending order, got {layers}")
         self.embed.validate()
         self.cluster.validate()
         self.select.validate()

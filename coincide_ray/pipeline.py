@@ -7,6 +7,8 @@ DESIGN.md under the output, manifest.json last.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 import time
 from collections import Counter
@@ -137,11 +139,21 @@ class EmbedStats:
     seconds: float
 
 
+def recorded_layers(embeddings: str) -> tuple[int, ...]:
+    """The layers the embed stage recorded in _provenance.json beside the embeddings."""
+    path = io.join(embeddings, os.path.basename(schema.PROVENANCE_PATH))
+    if not io.exists(path):
+        raise InputError(f"no {path} to take the layers from: give --layers")
+    return tuple(io.read_json(path)["layers"])
+
+
 def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: EmbedStats | None = None) -> dict:
     """k-means + COINCIDE selection over an embeddings Parquet; returns the manifest."""
     config.validate()
     if not config.embeddings:
         raise InputError("the select stage needs embeddings (--embeddings URI)")
+    if config.layers is None:
+        config = dataclasses.replace(config, layers=recorded_layers(config.embeddings))
     timings: dict[str, float] = {"embed": embed.seconds} if embed else {}
     embedded = embed.embedded if embed else 0
     out = config.output

@@ -10,6 +10,7 @@ Blocks whose file exists are skipped, so a rerun only does what is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -23,7 +24,7 @@ import ray
 from coincide_ray import io, schema
 from coincide_ray.config import EmbedConfig, JobConfig
 from coincide_ray.embed import model as model_io
-from coincide_ray.embed.msa import extract_msa_embeddings
+from coincide_ray.embed.msa import default_layers, extract_msa_embeddings
 from coincide_ray.embed.preprocess import STAGE, PreparedBlock, Preprocessor
 from coincide_ray.manifest import library_versions
 from coincide_ray.records import Record, Rejection, parse_record, read_raw_records
@@ -153,15 +154,22 @@ class EmbedResult:
     seconds: float
 
 
-def provenance(config: JobConfig) -> dict:
+def resolve_layers(config: JobConfig) -> tuple[JobConfig, int]:
+    """The config with its layers decided (default_layers of the decoder's depth when none
+    were given), and the decoder's hidden size."""
     from transformers import AutoConfig
 
     hf = AutoConfig.from_pretrained(model_io.local_copy(config.model, config.embed.model_cache),
                                     trust_remote_code=config.embed.trust_remote_code)
     text = hf.get_text_config()
     depth, hidden = int(text.num_hidden_layers), int(text.hidden_size)
-    if max(config.layers) >= depth:
-        raise model_io.ModelError(f"layers {list(config.layers)} out of range: {config.model} has {depth} decoder layers")
+    layers = config.layers if config.layers is not None else default_layers(depth)
+    if max(layers) >= depth:
+        raise model_io.ModelError(f"layers {list(layers)} out of range: {config.model} has {depth} decoder layers")
+    return dataclasses.replace(config, layers=tuple(layers)), hidden
+
+
+def provenance(config: JobConfig, hidden: int) -> dict:
     return {
         "model": config.model, "model_fingerprint": model_io.fingerprint(config.model),
         "layers": list(config.layers), "hidden": hidden, "dimension": 2 * len(config.layers) * hidden,
@@ -169,10 +177,10 @@ def provenance(config: JobConfig) -> dict:
     }
 
 
-def check_provenance(config: JobConfig, output: str) -> dict:
+def check_provenance(config: JobConfig, hidden: int, output: str) -> dict:
     """Write embeddings/_provenance.json, or check that existing shards came from the same
     model, layers and blocking (reusing them otherwise would mix incompatible vectors)."""
-    wanted = provenance(config)
+    wanted = provenance(config, hidden)
     path = io.join(output, schema.PROVENANCE_PATH)
     if io.exists(path):
         found = io.read_json(path)
@@ -216,7 +224,9 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
             raise model_io.ModelError(f"the embed stage needs --{key}")
     start = time.perf_counter()
     out = config.output
-    check_provenance(config, out)
+    config, hidden = resolve_layers(config)
+    check_provenance(config, hidden, out)
+    progress(f"embed: model {config.model}, layers {list(config.layers)}, dimension {2 * len(config.layers) * hidden}")
     blocks = plan_blocks(config.input, config.embed.block_records)
     records = sum(len(b) for b in blocks)
     done = set()

@@ -136,3 +136,24 @@ def test_changed_model_is_not_mixed_into_old_shards(tmp_path, tiny_model, ray_se
     other = build_tiny_checkpoint(tmp_path / "other-model", "llava", layers=6, seed=5)
     assert main(args + ["--model", str(other)]) == 2
     assert "made with other model_fingerprint" in capsys.readouterr().err
+
+
+def test_second_family_with_default_layers(tmp_path, ray_session):
+    from coincide_ray.embed.msa import default_layers
+    from coincide_ray.embed.tiny import build_tiny_checkpoint
+
+    model = build_tiny_checkpoint(tmp_path / "idefics3", "idefics3", layers=6)
+    records = write_corpus(str(tmp_path / "corpus" / "records.json"), str(tmp_path / "corpus"), 12, seed=2)
+    out = str(tmp_path / "out")
+    base = ["--input", str(tmp_path / "corpus" / "records.json"), "--image-root", str(tmp_path / "corpus"),
+            "--model", str(model), "--output", out]
+    assert main(["embed", *base]) == 0
+    provenance = io.read_json(io.join(out, schema.PROVENANCE_PATH))
+    assert tuple(provenance["layers"]) == default_layers(6) == (0, 1, 2, 3, 4)
+    vectors = embeddings_by_id(out)
+    assert len(vectors) == 12 and all(v.shape == (2 * 5 * 32,) for v in vectors.values())
+    # select takes the layers from the provenance when none are given
+    assert main(["select", "--output", out, "--clusters", "2", "--iterations", "3", "--fraction", "0.5"]) == 0
+    manifest = io.read_json(io.join(out, schema.MANIFEST_PATH))
+    assert manifest["config"]["layers"] == [0, 1, 2, 3, 4]
+    assert manifest["counts"]["records"] == len(records)

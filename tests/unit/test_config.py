@@ -10,7 +10,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "jobs" / "job.example.yaml"
 def test_example_config_parses_with_every_key():
     values = load_yaml(EXAMPLE.read_text())
     config = JobConfig.from_dict(values)
-    assert config.layers == (3, 7, 11, 15, 19) and config.cluster.clusters == 24
+    assert config.layers == (1, 3, 5, 7) and config.cluster.clusters == 24
     assert config.select.fraction == 0.2 and config.select.kernel_memory_mb == 512
     # the example names every key of every part
     for part in ("embed", "cluster", "select"):
@@ -33,6 +33,7 @@ def test_flags_override_file_values():
     ({"output": "o", "bogus": 1}, "unknown configuration key(s): bogus"),
     ({"output": "o", "layers": [3, 3]}, "layers must not repeat"),
     ({"output": "o", "layers": []}, "at least one decoder layer"),
+    ({"output": "o", "layers": [7, 3]}, "ascending order"),
     ({"output": "o", "cluster": [1]}, "cluster must be a mapping"),
     ({"output": 5}, "output must be a string"),
     ({"output": "o", "embed": {"trust_remote_code": "yes"}}, "embed.trust_remote_code must be true or false"),
