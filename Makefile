@@ -28,6 +28,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) jobs/bench_select.py
+	$(PY) jobs/bench_embed.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
