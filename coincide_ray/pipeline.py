@@ -152,6 +152,8 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
     config.validate()
     if not config.embeddings:
         raise InputError("the select stage needs embeddings (--embeddings URI)")
+    if not io.exists(config.embeddings):
+        raise FileNotFoundError(f"no such file or folder: {config.embeddings}")
     if config.layers is None:
         config = dataclasses.replace(config, layers=recorded_layers(config.embeddings))
     timings: dict[str, float] = {"embed": embed.seconds} if embed else {}
