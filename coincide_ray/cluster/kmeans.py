@@ -2,8 +2,9 @@
 
 One Lloyd iteration is `assign` + `partial_sums` on each shard, a sum of the partial
 statistics, then `update_centroids`. The distributed version runs the first two where the
-shards live and reduces in float64 in shard order, so the result does not depend on how
-rows are split.
+shards live and sums what they return. Per-cluster sums are kept in int64 fixed point
+(2^-36 resolution), so adding them is exact and the result is the same bits however the
+rows are split into shards and in whatever order the parts arrive.
 """
 
 from __future__ import annotations
@@ -16,72 +17,108 @@ import numpy as np
 from coincide_ray.arrays import check_finite, unit_rows
 
 
-def initial_centroids(x_unit: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """k distinct rows drawn with `seed`; if there are fewer rows than k, seeded random
-    unit vectors fill the rest (those clusters may stay empty)."""
+def initial_draw(n: int, d: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The seeded start: indices of min(n, k) distinct rows (sorted), and seeded random unit
+    vectors for the rest when there are fewer rows than k (those clusters may stay empty)."""
     rng = np.random.default_rng(seed)
-    n, d = x_unit.shape
     picks = np.sort(rng.choice(n, size=min(n, k), replace=False)) if n else np.zeros(0, np.int64)
-    centroids = np.empty((k, d), dtype=np.float32)
-    centroids[: len(picks)] = x_unit[picks]
-    if k > len(picks):
-        centroids[len(picks) :] = unit_rows(rng.standard_normal((k - len(picks), d)))
-    return centroids
+    filler = unit_rows(rng.standard_normal((k - len(picks), d))) if k > len(picks) else np.zeros((0, d), np.float32)
+    return picks.astype(np.int64), filler
+
+
+def initial_centroids(x_unit: np.ndarray, k: int, seed: int) -> np.ndarray:
+    picks, filler = initial_draw(len(x_unit), x_unit.shape[1], k, seed)
+    return np.concatenate([x_unit[picks], filler]).astype(np.float32, copy=False)
+
+
+def sample_mask(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Rows the centroids are fitted on when fitting on a sample (all rows at fraction 1)."""
+    if fraction >= 1.0:
+        return np.ones(n, dtype=bool)
+    return np.random.default_rng([seed, 1]).random(n) < fraction
+
+
+FIXED_POINT = 2.0**36  # sums of up to 2^27 unit rows per cluster fit in int64
 
 
 def assign(x_unit: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid by cosine for each unit row: (cluster int64, cosine float32)."""
+    """Nearest centroid by cosine for each unit row: (cluster int64, cosine float32).
+
+    The cosine is recomputed row by row: faiss's batched product can differ in the last bit
+    with the batch a row is in, and these cosines pick the rows that reseed empty clusters."""
     if len(x_unit) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    cosine, cluster = index.search(np.ascontiguousarray(x_unit, dtype=np.float32), 1)
-    return cluster[:, 0].astype(np.int64), cosine[:, 0]
+    _, cluster = index.search(np.ascontiguousarray(x_unit, dtype=np.float32), 1)
+    cluster = cluster[:, 0].astype(np.int64)
+    cosine = np.einsum("ij,ij->i", x_unit, centroids[cluster].astype(np.float32, copy=False))
+    return cluster, cosine.astype(np.float32, copy=False)
 
 
 @dataclass(frozen=True)
 class PartialSums:
-    """What one shard contributes to an update: per-cluster sums and counts, and its
-    `spare` worst-fitting rows (lowest cosine first), candidates to reseed empty clusters."""
+    """What one shard contributes to an update: per-cluster sums in int64 fixed point and
+    counts. Adding parts is exact: the same bits for any split and any order."""
 
-    sums: np.ndarray  # (k, d) float64
+    sums: np.ndarray  # (k, d) int64, in units of 1 / FIXED_POINT
     counts: np.ndarray  # (k,) int64
-    spare_rows: np.ndarray  # (m, d) float32
-    spare_cosine: np.ndarray  # (m,) float32
-    spare_cluster: np.ndarray  # (m,) int64
 
     @staticmethod
-    def combine(parts: list["PartialSums"], spare: int) -> "PartialSums":
-        """Sum shard statistics in list order (fixed order: reproducible float64 sums)."""
-        sums = parts[0].sums.copy()
-        counts = parts[0].counts.copy()
+    def combine(parts: list["PartialSums"]) -> "PartialSums":
+        sums, counts = parts[0].sums.copy(), parts[0].counts.copy()
         for part in parts[1:]:
             sums += part.sums
             counts += part.counts
-        rows = np.concatenate([p.spare_rows for p in parts])
-        cosine = np.concatenate([p.spare_cosine for p in parts])
-        cluster = np.concatenate([p.spare_cluster for p in parts])
-        worst = np.argsort(cosine, kind="stable")[:spare]
-        return PartialSums(sums, counts, rows[worst], cosine[worst], cluster[worst])
+        return PartialSums(sums, counts)
 
 
-def partial_sums(
-    x_unit: np.ndarray, cluster: np.ndarray, cosine: np.ndarray, k: int, *, spare: int = 0
-) -> PartialSums:
-    """Per-cluster float64 sums and counts of one shard, summed in row order."""
-    d = x_unit.shape[1]
-    sums = np.zeros((k, d))
+def to_fixed(rows: np.ndarray) -> np.ndarray:
+    return np.rint(np.asarray(rows, dtype=np.float64) * FIXED_POINT).astype(np.int64)
+
+
+def partial_sums(x_unit: np.ndarray, cluster: np.ndarray, k: int) -> PartialSums:
+    """Per-cluster sums and counts of one shard's unit rows."""
+    sums = np.zeros((k, x_unit.shape[1]), dtype=np.int64)
     counts = np.bincount(cluster, minlength=k).astype(np.int64)
     if len(cluster):
         order = np.argsort(cluster, kind="stable")
         present = np.flatnonzero(counts)
         starts = np.concatenate([[0], np.cumsum(counts[present])[:-1]])
-        sums[present] = np.add.reduceat(x_unit[order].astype(np.float64), starts, axis=0)
-    worst = np.argsort(cosine, kind="stable")[:spare]
-    return PartialSums(sums, counts, x_unit[worst], cosine[worst], cluster[worst])
+        sums[present] = np.add.reduceat(to_fixed(x_unit[order]), starts, axis=0)
+    return PartialSums(sums, counts)
 
 
-def update_centroids(stats: PartialSums, previous: np.ndarray) -> np.ndarray:
+@dataclass(frozen=True)
+class Spare:
+    """The worst-fitting rows (lowest cosine, then lowest global index): the candidates to
+    reseed empty clusters. Asked for only when some cluster is empty."""
+
+    rows: np.ndarray  # (m, d) float32
+    cosine: np.ndarray  # (m,)
+    cluster: np.ndarray  # (m,) int64
+    index: np.ndarray  # (m,) int64 global row index
+
+    @staticmethod
+    def of(x_unit: np.ndarray, cluster: np.ndarray, cosine: np.ndarray, index: np.ndarray, m: int) -> "Spare":
+        worst = np.lexsort((index, cosine))[:m]
+        return Spare(x_unit[worst], cosine[worst], cluster[worst], index[worst])
+
+    @staticmethod
+    def combine(parts: list["Spare"], m: int) -> "Spare":
+        rows, cosine, cluster, index = (np.concatenate([getattr(p, f) for p in parts])
+                                        for f in ("rows", "cosine", "cluster", "index"))
+        return Spare.of(rows, cluster, cosine, index, m)
+
+
+def spare_needed(counts: np.ndarray) -> int:
+    """How many spare rows to ask for: some candidates are skipped (they would empty their
+    own cluster), so ask for a margin over the number of empty clusters."""
+    empty = int((counts == 0).sum())
+    return 2 * empty + 8 if empty else 0
+
+
+def update_centroids(stats: PartialSums, spare: Spare | None, previous: np.ndarray) -> np.ndarray:
     """New unit centroids from summed statistics.
 
     An empty cluster is reseeded with the worst-fitting spare row not already used, taken
@@ -91,20 +128,21 @@ def update_centroids(stats: PartialSums, previous: np.ndarray) -> np.ndarray:
     counts = stats.counts.copy()
     centroids = previous.astype(np.float32, copy=True)
     reseeded = np.zeros(len(counts), dtype=bool)
-    spare = 0
+    candidates = 0 if spare is None else len(spare.rows)
+    used = 0
     for empty in np.flatnonzero(counts == 0):
-        while spare < len(stats.spare_rows) and counts[stats.spare_cluster[spare]] <= 1:
-            spare += 1  # never empty another cluster to fill this one
-        if spare == len(stats.spare_rows):
+        while used < candidates and counts[spare.cluster[used]] <= 1:
+            used += 1  # never empty another cluster to fill this one
+        if used == candidates:
             break
-        row, old = stats.spare_rows[spare], stats.spare_cluster[spare]
-        sums[old] -= row
+        row, old = spare.rows[used], spare.cluster[used]
+        sums[old] -= to_fixed(row[None, :])[0]
         counts[old] -= 1
         centroids[empty] = row
         reseeded[empty] = True
-        spare += 1
+        used += 1
     filled = (counts > 0) & ~reseeded
-    centroids[filled] = unit_rows(sums[filled])
+    centroids[filled] = unit_rows(sums[filled].astype(np.float64))
     return centroids
 
 
@@ -124,31 +162,49 @@ def check_kmeans_args(k: int, iterations: int) -> None:
 
 
 def spherical_kmeans(
-    x: np.ndarray, k: int, *, iterations: int = 50, seed: int = 1234, init: np.ndarray | None = None
+    x, k: int, *, iterations: int = 50, seed: int = 1234, init: np.ndarray | None = None,
+    sample_fraction: float = 1.0,
 ) -> KMeansResult:
-    """Spherical (cosine) k-means of an in-memory (n, d) array.
+    """Spherical (cosine) k-means.
 
     Rows are L2-normalised; each of `iterations` Lloyd rounds assigns every row to its
     nearest centroid (faiss inner-product search), then sets each centroid to the
     normalised mean of its rows. A final assignment gives `assignments` and `objective`.
     `init` (k, d) replaces the seeded draw of k rows, e.g. a previous run's centroids.
+    `sample_fraction` < 1 fits the centroids on a seeded sample of rows, then assigns all.
+
+    `x` is an (n, d) array, or a list of embeddings Parquet files / a folder of them, which
+    runs the same algorithm on Ray with the rows kept on workers (same result, same bits).
     """
-    x = np.asarray(x)
+    if not isinstance(x, np.ndarray):
+        from coincide_ray.cluster.stage import spherical_kmeans_on_ray
+
+        return spherical_kmeans_on_ray(x, k, iterations=iterations, seed=seed, init=init,
+                                       sample_fraction=sample_fraction)
     if x.ndim != 2:
         raise ValueError(f"expected a 2-D array, got shape {x.shape}")
     check_kmeans_args(k, iterations)
     check_finite(x)
     x_unit = unit_rows(x)
-    if init is None:
-        centroids = initial_centroids(x_unit, k, seed)
-    else:
-        if np.shape(init) != (k, x.shape[1]):
-            raise ValueError(f"initial centroids must have shape {(k, x.shape[1])}, got {np.shape(init)}")
-        check_finite(np.asarray(init), "initial centroid")
-        centroids = unit_rows(init)
+    index = np.arange(len(x_unit), dtype=np.int64)
+    fit = sample_mask(len(x_unit), sample_fraction, seed)
+    centroids = start_centroids(init, k, x.shape[1]) if init is not None else initial_centroids(x_unit[fit], k, seed)
     for _ in range(iterations):
-        cluster, cosine = assign(x_unit, centroids)
-        stats = partial_sums(x_unit, cluster, cosine, k, spare=k)
-        centroids = update_centroids(stats, centroids)
+        cluster, cosine = assign(x_unit[fit], centroids)
+        stats = partial_sums(x_unit[fit], cluster, k)
+        m = spare_needed(stats.counts)
+        spare = Spare.of(x_unit[fit], cluster, cosine, index[fit], m) if m else None
+        centroids = update_centroids(stats, spare, centroids)
     cluster, cosine = assign(x_unit, centroids)
-    return KMeansResult(centroids, cluster, cosine, float(cosine.astype(np.float64).sum()))
+    return KMeansResult(centroids, cluster, cosine, objective(cosine))
+
+
+def objective(cosine: np.ndarray) -> float:
+    return float(np.asarray(cosine, dtype=np.float64).sum())
+
+
+def start_centroids(init: np.ndarray, k: int, d: int) -> np.ndarray:
+    if np.shape(init) != (k, d):
+        raise ValueError(f"initial centroids must have shape {(k, d)}, got {np.shape(init)}")
+    check_finite(np.asarray(init), "initial centroid")
+    return unit_rows(init)

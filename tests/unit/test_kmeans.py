@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from coincide_ray.cluster import spherical_kmeans
-from coincide_ray.cluster.kmeans import PartialSums, assign, initial_centroids, partial_sums, unit_rows
+from coincide_ray.cluster.kmeans import PartialSums, Spare, assign, initial_centroids, partial_sums, unit_rows
 from coincide_ray.synthetic import planted_embeddings
 
 
@@ -73,13 +73,38 @@ def test_shard_statistics_combine_to_the_whole():
     x, _ = planted_embeddings(900, seed=4)
     xu = unit_rows(x)
     cluster, cosine = assign(xu, initial_centroids(xu, 7, seed=0))
-    whole = partial_sums(xu, cluster, cosine, 7, spare=5)
-    shards = [partial_sums(xu[s], cluster[s], cosine[s], 7, spare=5)
-              for s in np.array_split(np.arange(900), 4)]
-    combined = PartialSums.combine(shards, spare=5)
-    assert np.array_equal(combined.counts, whole.counts)
-    assert np.allclose(combined.sums, whole.sums, rtol=0, atol=1e-12)
-    assert np.array_equal(combined.spare_cosine, whole.spare_cosine)
+    index = np.arange(900)
+    whole = partial_sums(xu, cluster, 7)
+    whole_spare = Spare.of(xu, cluster, cosine, index, 5)
+    for pieces in (4, 9):
+        split = np.array_split(index, pieces)
+        shards = [partial_sums(xu[s], cluster[s], 7) for s in split]
+        spares = [Spare.of(xu[s], cluster[s], cosine[s], s, 5) for s in split]
+        for order in (slice(None), slice(None, None, -1)):  # exact: any split, any order, the same bits
+            combined = PartialSums.combine(shards[order])
+            assert np.array_equal(combined.counts, whole.counts) and np.array_equal(combined.sums, whole.sums)
+            spare = Spare.combine(spares[order], 5)
+            assert np.array_equal(spare.index, whole_spare.index) and np.array_equal(spare.rows, whole_spare.rows)
+
+
+def test_fit_on_a_sample_then_assign_all():
+    x, _ = planted_embeddings(3000, groups=6, seed=8)
+    full = spherical_kmeans(x, 6, iterations=10)
+    sampled = spherical_kmeans(x, 6, iterations=10, sample_fraction=0.3)
+    assert sampled.assignments.shape == (3000,)
+    assert sampled.objective >= 0.97 * full.objective
+    assert not np.array_equal(sampled.centroids, full.centroids)
+
+
+def test_assignment_does_not_depend_on_the_batch_a_row_is_in():
+    x, _ = planted_embeddings(5000, hidden=64, seed=6)
+    xu = unit_rows(x)
+    centroids = initial_centroids(xu, 50, seed=0)
+    labels, cosine = assign(xu, centroids)
+    pieces = np.split(np.arange(5000), [1, 333, 4097])
+    split = [assign(xu[p], centroids) for p in pieces]
+    assert np.array_equal(np.concatenate([l for l, _ in split]), labels)
+    assert np.array_equal(np.concatenate([c for _, c in split]), cosine)
 
 
 def test_clear_errors():

@@ -1,0 +1,110 @@
+"""Reading embeddings files and judging their rows (pure; shared by every select path).
+
+Reading and judging are separate so that workers can read files where they will keep the
+vectors, while the driver, which sees every file, decides which rows are accepted: the
+expected dimension and duplicate ids are decisions over the whole input.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from coincide_ray import io, schema
+
+
+@dataclass
+class FileRows:
+    """What one embeddings file holds, without its vectors."""
+
+    path: str
+    ids: list[str | None]
+    lengths: np.ndarray  # vector length per row; -1 where the embedding is null
+    finite: np.ndarray  # False where the vector holds NaN or inf
+    earlier: list[tuple | None]  # (stage, reason, detail) an earlier stage recorded, else None
+
+
+def read_file(uri: str) -> tuple[FileRows, list[np.ndarray | None]]:
+    """The file's rows and their float32 vectors (None where null)."""
+    table = io.read_parquet(uri)
+    schema.require_columns(table.schema, [schema.SAMPLE_ID, schema.EMBEDDING], uri)
+    ids = table.column(schema.SAMPLE_ID).cast(pa.string()).to_pylist()
+    column = table.column(schema.EMBEDDING).combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(column), -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = pc.fill_null(pc.list_flatten(column).cast(pa.float32()), float("nan"))
+    values = values.to_numpy(zero_copy_only=False)
+    ends = np.cumsum(np.maximum(lengths, 0))
+    vectors = [None if length < 0 else values[end - length : end] for length, end in zip(lengths, ends)]
+    finite = np.array([v is None or bool(np.isfinite(v).all()) for v in vectors], dtype=bool)
+    earlier: list[tuple | None] = [None] * len(ids)
+    if schema.REASON in table.schema.names:
+        columns = [table.column(c).to_pylist() if c in table.schema.names else [None] * len(ids)
+                   for c in (schema.STAGE, schema.REASON, schema.DETAIL)]
+        earlier = [(stage, reason, detail) if reason else None for stage, reason, detail in zip(*columns)]
+    return FileRows(uri, ids, lengths, finite, earlier), vectors
+
+
+@dataclass
+class Verdict:
+    """Which rows go on to clustering, in canonical order, and why the others do not."""
+
+    dim: int
+    accepted: list[np.ndarray] = field(default_factory=list)  # per file: bool mask of accepted rows
+    ids: list[str] = field(default_factory=list)  # accepted ids, canonical order
+    rejected: list[tuple[str, str, str, str]] = field(default_factory=list)  # (sample_id, stage, reason, detail)
+
+    @property
+    def records(self) -> int:
+        return len(self.ids) + len(self.rejected)
+
+
+def judge(files: list[FileRows], stage: str = "select") -> Verdict:
+    """Accept or reject every row of `files` (given in canonical order).
+
+    The expected dimension is the most common one in the first file that has any vector;
+    an id seen before is a duplicate (the first copy is kept); a verdict an earlier stage
+    wrote into the file stands."""
+    dim = 0
+    for rows in files:
+        dims = Counter(int(n) for n in rows.lengths if n > 0)
+        if dims:
+            dim = dims.most_common(1)[0][0]
+            break
+    verdict = Verdict(dim)
+    first_seen: dict[str, str] = {}
+    for rows in files:
+        mask = np.zeros(len(rows.ids), dtype=bool)
+        for row, sample_id in enumerate(rows.ids):
+            where = f"{rows.path}#{row}"
+            reason, detail = None, where
+            if rows.earlier[row]:
+                verdict.rejected.append((sample_id or where, *rows.earlier[row]))
+                continue
+            if not sample_id:
+                sample_id, reason = where, "missing sample_id"
+            elif sample_id in first_seen:
+                reason, detail = "duplicate sample_id", f"{where}; first at {first_seen[sample_id]}"
+            elif rows.lengths[row] <= 0:
+                reason = "missing embedding"
+            elif rows.lengths[row] != dim:
+                reason, detail = "wrong embedding dimension", f"{where}: {rows.lengths[row]}, expected {dim}"
+            elif not rows.finite[row]:
+                reason = "embedding holds NaN or inf"
+            first_seen.setdefault(sample_id, where)
+            if reason:
+                verdict.rejected.append((sample_id, stage, reason, detail))
+            else:
+                verdict.ids.append(sample_id)
+                mask[row] = True
+        verdict.accepted.append(mask)
+    return verdict
+
+
+def stack_accepted(vectors: list[np.ndarray | None], mask: np.ndarray, dim: int) -> np.ndarray:
+    """The accepted rows of one file as an (n, dim) float32 array."""
+    rows = [vectors[i] for i in np.flatnonzero(mask)]
+    return np.stack(rows).astype(np.float32, copy=False) if rows else np.zeros((0, dim), np.float32)
