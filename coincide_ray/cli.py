@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--clusters", type=int, metavar="K", help="number of k-means clusters (default 1000)")
     budget.add_argument("--iterations", type=int, metavar="N", help="k-means iterations (default 50)")
     budget.add_argument("--seed", type=int, metavar="S", help="k-means seed (default 1234)")
+    budget.add_argument("--kmeans-sample", type=float, metavar="F",
+                        help="fit the centroids on this share of the rows, then assign all (default 1: all rows)")
     budget.add_argument("--temperature", type=float, metavar="TAU", help="softmax temperature of the budget (default 0.1)")
 
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -101,7 +103,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         "model": given.get("model"),
         "embeddings": given.get("embeddings"),
         "layers": args.layers,
-        "cluster": {"clusters": given.get("clusters"), "iterations": given.get("iterations"), "seed": given.get("seed")},
+        "cluster": {"clusters": given.get("clusters"), "iterations": given.get("iterations"), "seed": given.get("seed"),
+                    "sample_fraction": given.get("kmeans_sample")},
         "select": {"fraction": given.get("fraction"), "temperature": given.get("temperature")},
     }
     values = merge(base, flags)
@@ -128,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         embed = None
+        start_ray()
         if args.command in ("run", "embed"):
             from coincide_ray.embed.stage import run_embed
             from coincide_ray.pipeline import EmbedStats
 
-            start_ray()
             result = run_embed(config, progress=stderr_progress)
             embed = EmbedStats(result.embedded, round(result.seconds, 3))
         if args.command in ("run", "select"):

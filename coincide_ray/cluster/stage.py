@@ -33,10 +33,11 @@ from coincide_ray.cluster.kmeans import (
     update_centroids,
 )
 
+SHARD_CPUS = 0.25  # CPUs a shard worker reserves (see ShardSet.load)
 CHUNK_ROWS = 65_536  # rows normalised and assigned at a time: bounds a worker's temporary memory
 
 
-@ray.remote(num_cpus=1)
+@ray.remote
 class ShardWorker:
     """Holds some embeddings files' accepted rows in memory for the whole selection."""
 
@@ -142,8 +143,9 @@ class ShardSet:
         cpus = float(ray.cluster_resources().get("CPU", 1))
         count = max(1, min(len(files), workers or int(cpus)))
         groups = [list(g) for g in np.array_split(np.array(files, dtype=object), count) if len(g)]
-        share = min(1.0, cpus / len(groups))  # more workers than CPUs: each asks for a share
-        actors = [ShardWorker.options(num_cpus=share).remote(group) for group in groups]
+        # Workers hold their rows for the whole selection; reserving whole CPUs would leave none
+        # for the scoring tasks that run beside them (a deadlock), so each reserves a quarter.
+        actors = [ShardWorker.options(num_cpus=SHARD_CPUS).remote(group) for group in groups]
         reports = ray.get([a.scan.remote() for a in actors])
         verdict = embeddings.judge([r for group in reports for r in group], stage)
         masks = iter(verdict.accepted)
@@ -159,6 +161,10 @@ class ShardSet:
             per_actor.append((group_masks, group_starts))
         ray.get([a.keep.remote(m, s, verdict.dim) for a, (m, s) in zip(actors, per_actor)])
         return ShardSet(actors, verdict)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)
 
     def unit_rows_at(self, wanted: np.ndarray) -> np.ndarray:
         parts = ray.get([w.unit_rows_at.remote(wanted) for w in self.workers])
@@ -198,5 +204,4 @@ def spherical_kmeans_on_ray(source, k: int, *, iterations: int = 50, seed: int =
     try:
         return shards.kmeans(k, iterations=iterations, seed=seed, init=init, sample_fraction=sample_fraction)
     finally:
-        for worker in shards.workers:
-            ray.kill(worker)
+        shards.close()

@@ -41,10 +41,12 @@ class ClusterKernel:
 
     Rows are deduplicated first (unique rows ordered by first occurrence, so a cluster
     without duplicates keeps its own order). `column_means[i]` is the mean of kernel
-    column i over all n members; the density is the mean of those.
+    column i over all n members; the density is the mean of those. A blockwise cluster's
+    column means may be passed in from an earlier pass, to rank it without recomputing them.
     """
 
-    def __init__(self, x: np.ndarray, *, sigma: float = 1.0, memory_bytes: int = DEFAULT_KERNEL_MEMORY_BYTES):
+    def __init__(self, x: np.ndarray, *, sigma: float = 1.0, memory_bytes: int = DEFAULT_KERNEL_MEMORY_BYTES,
+                 column_means: np.ndarray | None = None):
         x = np.asarray(x)
         if x.ndim != 2:
             raise ValueError(f"expected a 2-D array of cluster members, got shape {x.shape}")
@@ -64,6 +66,8 @@ class ClusterKernel:
         elif self.in_memory:
             self.kernel = self._block(0, u)
             self.column_means = (self.weights @ self.kernel)[self.inverse] / self.n
+        elif column_means is not None:  # known from an earlier pass over this cluster
+            self.column_means = np.asarray(column_means, dtype=np.float64)
         else:
             block_rows = max(1, memory_bytes // (2 * 8 * u))
             sums = np.zeros(u)

@@ -91,19 +91,23 @@ def select_from_clusters(
             rank[members[cluster][kernel.greedy_order()]] = np.arange(sizes[cluster])
         else:
             deferred[int(cluster)] = kernel  # ranked once its quota is known
-    score = np.where(sizes > 0, transfer / np.where(sizes > 0, density, 1.0), np.nan)
-
-    budget = int(fraction * n)
-    quota = allocate_budget(np.nan_to_num(score), sizes, budget, temperature=temperature)
+    score, budget, quota = scores_and_quotas(transfer, density, sizes, n, fraction, temperature)
     for cluster, kernel in deferred.items():
         rank[members[cluster][kernel.greedy_order(quota[cluster])]] = np.arange(quota[cluster])
-    selected = np.flatnonzero((rank >= 0) & (rank < quota[assignments])) if n else np.zeros(0, np.int64)
-    table = ClusterTable(
-        cluster=np.arange(k, dtype=np.int64),
-        size=sizes,
-        transferability=transfer,
-        density=density,
-        score=score,
-        quota=quota,
-    )
+    return assemble(rank, assignments, transfer, density, score, sizes, quota, budget)
+
+
+def scores_and_quotas(transfer: np.ndarray, density: np.ndarray, sizes: np.ndarray, n: int, fraction: float,
+                      temperature: float) -> tuple[np.ndarray, int, np.ndarray]:
+    """score = S / D (NaN for empty clusters), the budget int(fraction * n), and the quotas."""
+    score = np.where(sizes > 0, transfer / np.where(sizes > 0, density, 1.0), np.nan)
+    budget = int(fraction * n)
+    return score, budget, allocate_budget(np.nan_to_num(score), sizes, budget, temperature=temperature)
+
+
+def assemble(rank: np.ndarray, assignments: np.ndarray, transfer: np.ndarray, density: np.ndarray,
+             score: np.ndarray, sizes: np.ndarray, quota: np.ndarray, budget: int) -> Selection:
+    """The Selection: each cluster's first `quota` rows in greedy order are selected."""
+    selected = np.flatnonzero((rank >= 0) & (rank < quota[assignments])) if len(rank) else np.zeros(0, np.int64)
+    table = ClusterTable(np.arange(len(sizes), dtype=np.int64), sizes, transfer, density, score, quota)
     return Selection(selected=selected.astype(np.int64), rank=rank, clusters=table, budget=budget)

@@ -38,10 +38,11 @@ def storage(request, tmp_path):
     return f"s3://coincide-test/{uuid.uuid4().hex}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def ray_session(s3_endpoint):
-    """One local Ray for the whole session. It starts after the S3 endpoint so that its
-    workers inherit AWS_ENDPOINT_URL and the test credentials."""
+    """One local Ray for every integration test. It starts before any test can start one
+    (the CLI joins a running Ray) and after the S3 endpoint, so that its workers inherit
+    AWS_ENDPOINT_URL and the test credentials."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
