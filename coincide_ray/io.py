@@ -37,6 +37,11 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+def size(uri: str) -> int:
+    fs, path = resolve(uri)
+    return int(fs.size(path))
+
+
 def list_files(uri: str, suffixes: tuple[str, ...]) -> list[str]:
     """One file, or every file under a folder/prefix with one of `suffixes`, sorted by name
     (the canonical record order starts with sorted file names)."""

@@ -140,7 +140,7 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
         "config": config.to_dict(),
         "versions": library_versions(),
         "input": {"embeddings": config.embeddings, "files": files,
-                  "fingerprint": fingerprint([(f, n) for f, n in zip(files, (len(m) for m in data.accepted))])},
+                  "fingerprint": fingerprint([(f, io.size(f)) for f in files])},
         "counts": {"records": data.records, "rejected": len(data.rejected), "selected": int(selected.sum()),
                    "embedded": embedded, "reused": len(data.ids) - embedded if embed else 0},
         "health": health(kmeans.centroids, selection.clusters.size, [r for _, _, r, _ in data.rejected],

@@ -78,7 +78,6 @@ class Preprocessor:
         self.batch_size = batch_size
         self.max_image_pixels = max_image_pixels
         self.language_start = template_prefix_tokens(processor)
-        self.image_token_id = getattr(processor, "image_token_id", None)
 
     def fetch(self, record: Record) -> Image.Image:
         if self.image_root is None:

@@ -2,7 +2,6 @@ import json
 import os
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from transformers import AutoModelForImageTextToText, AutoProcessor
 

@@ -1,5 +1,3 @@
-import json
-
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -139,4 +137,3 @@ def test_centroids_load_without_pickle(tmp_path):
     io.write_npy(np.eye(3, dtype=np.float32), str(tmp_path / "c.npy"))
     raw = (tmp_path / "c.npy").read_bytes()
     assert b"pickle" not in raw and np.array_equal(io.read_npy(str(tmp_path / "c.npy")), np.eye(3))
-    json.dumps({})  # manifest is plain JSON (checked above through io.read_json)
