@@ -146,6 +146,15 @@ class ShardSet:
         # Workers hold their rows for the whole selection; reserving whole CPUs would leave none
         # for the scoring tasks that run beside them (a deadlock), so each reserves a quarter.
         actors = [ShardWorker.options(num_cpus=SHARD_CPUS).remote(group) for group in groups]
+        try:
+            return ShardSet._judge_and_keep(actors, stage)
+        except BaseException:
+            for actor in actors:  # nobody else holds them yet
+                ray.kill(actor)
+            raise
+
+    @staticmethod
+    def _judge_and_keep(actors: list, stage: str) -> "ShardSet":
         reports = ray.get([a.scan.remote() for a in actors])
         verdict = embeddings.judge([r for group in reports for r in group], stage)
         masks = iter(verdict.accepted)
