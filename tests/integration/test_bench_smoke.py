@@ -10,3 +10,9 @@ def test_selection_benchmark_quick_mode_runs():
                          check=True, capture_output=True, text=True, timeout=300).stdout
     figures = [line for line in out.splitlines() if line.startswith("mmd_")]
     assert len(figures) == 3 and all("ratio" in line and "(quick)" in line for line in figures)
+
+
+def test_ray_job_entrypoint_starts():
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "select_job.py"), "--help"],
+                         check=True, capture_output=True, text=True, timeout=120).stdout
+    assert "--input" in out and "--fraction" in out

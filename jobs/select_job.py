@@ -1,6 +1,6 @@
 """`ray job submit` entrypoint: every stage (embed, cluster, select) with the CLI's flags.
 
-    ray job submit --working-dir . -- python jobs/select.py --input s3://bucket/llava.json \\
+    ray job submit --working-dir . -- python jobs/select_job.py --input s3://bucket/llava.json \\
         --image-root s3://bucket/images/ --model s3://bucket/models/tinyllava \\
         --output s3://bucket/runs/665k --fraction 0.2 --clusters 10000 --config job.yaml
 
