@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import faiss
 import numpy as np
+import torch
 
 from coincide_ray.arrays import check_finite, unit_rows
 
@@ -74,19 +75,27 @@ class PartialSums:
 
 
 def to_fixed(rows: np.ndarray) -> np.ndarray:
-    return np.rint(np.asarray(rows, dtype=np.float64) * FIXED_POINT).astype(np.int64)
+    """Unit float32 rows in int64 units of 1 / FIXED_POINT. Scaling a float32 by a power of
+    two is exact and so is rounding the result, so float32 arithmetic gives the same
+    integers as float64 at half the memory traffic."""
+    return np.rint(np.asarray(rows, dtype=np.float32) * np.float32(FIXED_POINT)).astype(np.int64)
+
+
+SUM_CHUNK = 2048  # rows converted and added at a time: the temporaries stay in cache
 
 
 def partial_sums(x_unit: np.ndarray, cluster: np.ndarray, k: int) -> PartialSums:
-    """Per-cluster sums and counts of one shard's unit rows."""
-    sums = np.zeros((k, x_unit.shape[1]), dtype=np.int64)
-    counts = np.bincount(cluster, minlength=k).astype(np.int64)
-    if len(cluster):
-        order = np.argsort(cluster, kind="stable")
-        present = np.flatnonzero(counts)
-        starts = np.concatenate([[0], np.cumsum(counts[present])[:-1]])
-        sums[present] = np.add.reduceat(to_fixed(x_unit[order]), starts, axis=0)
-    return PartialSums(sums, counts)
+    """Per-cluster sums and counts of one shard's unit rows. Integer sums are exact in any
+    order, so torch's scatter-add gives the same bits as any other summation; it is
+    `to_fixed` (torch rounds half to even, as numpy does) fused with the add, chunk by chunk."""
+    rows = torch.from_numpy(np.ascontiguousarray(x_unit, dtype=np.float32))
+    index = torch.from_numpy(np.ascontiguousarray(cluster, dtype=np.int64))
+    sums = torch.zeros((k, x_unit.shape[1]), dtype=torch.int64)
+    scale = float(FIXED_POINT)
+    for start in range(0, len(rows), SUM_CHUNK):
+        part = slice(start, start + SUM_CHUNK)
+        sums.index_add_(0, index[part], (rows[part] * scale).round_().long())
+    return PartialSums(sums.numpy(), np.bincount(cluster, minlength=k).astype(np.int64))
 
 
 @dataclass(frozen=True)

@@ -88,15 +88,18 @@ class ShardWorker:
             total, fraction, seed = fit
             self.fit_key, self.fit_rows = fit, np.flatnonzero(sample_mask(total, fraction, seed)[self.index])
         rows = self.fit_rows
-        cluster, cosine = self._assign(centroids, rows)
-        self.last = (rows, cluster, cosine)
         k = len(centroids)
+        cluster = np.empty(len(rows), np.int64)
+        cosine = np.empty(len(rows), np.float32)
         sums, counts = np.zeros((k, self.x.shape[1]), np.int64), np.zeros(k, np.int64)
         for start in range(0, len(rows), CHUNK_ROWS):
             chunk = slice(start, start + CHUNK_ROWS)
-            part = partial_sums(unit_rows(self.x[rows[chunk]]), cluster[chunk], k)
+            x_unit = unit_rows(self.x[rows[chunk]])
+            cluster[chunk], cosine[chunk] = assign(x_unit, centroids)
+            part = partial_sums(x_unit, cluster[chunk], k)
             sums += part.sums  # exact: chunking does not change the result
             counts += part.counts
+        self.last = (rows, cluster, cosine)
         return PartialSums(sums, counts)
 
     def spare(self, m: int) -> Spare:

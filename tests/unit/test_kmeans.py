@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from coincide_ray.cluster import spherical_kmeans
-from coincide_ray.cluster.kmeans import PartialSums, Spare, assign, initial_centroids, partial_sums, unit_rows
+from coincide_ray.cluster.kmeans import FIXED_POINT, PartialSums, Spare, assign, initial_centroids, partial_sums, unit_rows
 from coincide_ray.synthetic import planted_embeddings
 
 
@@ -67,6 +67,19 @@ def test_empty_cluster_reseeded_from_worst_row():
     start[4] = -start[0]  # likely empty at first
     r = spherical_kmeans(x, 5, iterations=10)
     assert np.bincount(r.assignments, minlength=5).min() > 0
+
+
+def test_partial_sums_are_the_rounded_fixed_point_sums():
+    x, _ = planted_embeddings(5000, seed=5)  # more rows than one summation chunk
+    xu = unit_rows(x)
+    cluster = np.random.default_rng(5).integers(0, 11, len(xu))
+    cluster[cluster == 3] = 4  # an empty cluster
+    got = partial_sums(xu, cluster, 11)
+    expected = np.zeros((11, xu.shape[1]), dtype=np.int64)
+    for row, c in zip(xu, cluster):  # naive: float64 scaling, round half to even, add
+        expected[c] += np.rint(row.astype(np.float64) * FIXED_POINT).astype(np.int64)
+    assert np.array_equal(got.sums, expected)
+    assert np.array_equal(got.counts, np.bincount(cluster, minlength=11))
 
 
 def test_shard_statistics_combine_to_the_whole():
