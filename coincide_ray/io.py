@@ -87,29 +87,49 @@ def write_bytes(uri: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
+def parquet_bytes(table: pa.Table) -> bytes:
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue().to_pybytes()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+
+
+def parquet_from_bytes(data: bytes) -> pa.Table:
+    return pq.read_table(pa.BufferReader(data))
+
+
+def npy_from_bytes(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     fs, path = resolve(uri)
     return pq.read_table(path, filesystem=fs, columns=columns)
 
 
 def write_parquet(table: pa.Table, uri: str) -> None:
-    buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer, compression="zstd")
-    write_bytes(uri, buffer.getvalue().to_pybytes())
+    write_bytes(uri, parquet_bytes(table))
 
 
 def write_npy(array: np.ndarray, uri: str) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    write_bytes(uri, buffer.getvalue())
+    write_bytes(uri, npy_bytes(array))
 
 
 def read_npy(uri: str) -> np.ndarray:
-    return np.load(io.BytesIO(read_bytes(uri)), allow_pickle=False)
+    return npy_from_bytes(read_bytes(uri))
 
 
 def write_json(obj: Any, uri: str) -> None:
-    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    write_bytes(uri, json_bytes(obj))
 
 
 def read_json(uri: str) -> Any:

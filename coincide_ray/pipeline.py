@@ -17,10 +17,12 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from coincide_ray import io, schema
 from coincide_ray.config import JobConfig
 from coincide_ray.manifest import command_line, fingerprint, health, library_versions
+from coincide_ray.stages import finished, publish, sha256, stage_key
 
 Progress = Callable[[str], None]
 
@@ -41,7 +43,7 @@ class EmbedStats:
     seconds: float
 
 
-def write_selected_records(input_uri: str, selected_ids: set[str], uri: str) -> int:
+def selected_records_json(input_uri: str, selected_ids: set[str]) -> tuple[bytes, int]:
     """The selected original records, unchanged, in canonical order, as one JSON list."""
     from coincide_ray.records import read_raw_records
 
@@ -51,8 +53,7 @@ def write_selected_records(input_uri: str, selected_ids: set[str], uri: str) -> 
         if sample_id in selected_ids and sample_id not in seen:  # a later duplicate of an id was rejected
             chosen.append(raw)
             seen.add(sample_id)
-    io.write_json(chosen, uri)
-    return len(chosen)
+    return io.json_bytes(chosen), len(chosen)
 
 
 def recorded_layers(embeddings: str) -> tuple[int, ...]:
@@ -63,11 +64,176 @@ def recorded_layers(embeddings: str) -> tuple[int, ...]:
     return tuple(io.read_json(path)["layers"])
 
 
-def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: EmbedStats | None = None) -> dict:
-    """k-means + COINCIDE selection over embeddings Parquet files; returns the manifest."""
-    from coincide_ray.cluster.stage import ShardSet
+@dataclass(frozen=True)
+class StageKeys:
+    """What each select-side stage's outputs depend on (coincide_ray.stages)."""
+
+    cluster: str  # the embeddings files + k-means settings
+    rank: str  # + kernel width: densities and greedy rankings
+    transfer: str  # + layers and similarity mask: transferability
+    select: str  # + budget settings and the records file behind selected.json
+
+    @staticmethod
+    def of(config: JobConfig, embeddings_fingerprint: str, input_fingerprint: str | None) -> "StageKeys":
+        c, s = config.cluster, config.select
+        cluster = stage_key("cluster", embeddings_fingerprint, c.clusters, c.iterations, c.seed, c.sample_fraction)
+        rank = stage_key("rank", cluster, s.sigma)
+        transfer = stage_key("transfer", cluster, config.layers, s.similarity_mask)
+        select = stage_key("select", rank, transfer, s.fraction, s.temperature, config.input, input_fingerprint)
+        return StageKeys(cluster, rank, transfer, select)
+
+
+@dataclass(frozen=True)
+class Clusters:
+    ids: list[str]  # accepted records, canonical order
+    centroids: np.ndarray
+    assignments: np.ndarray
+    cosine: np.ndarray
+    objective: float
+    digests: dict[str, str]  # sha256 of the published files
+
+
+class LazyShards:
+    """The shard workers, started only when a stage has work that needs the vectors."""
+
+    def __init__(self, config: JobConfig, files: list[str], progress: Progress):
+        self.config, self.files, self.progress = config, files, progress
+        self.shards = None
+        self.seconds = 0.0
+
+    def get(self):
+        from coincide_ray.cluster.stage import ShardSet
+
+        if self.shards is not None:
+            return self.shards
+        start = time.perf_counter()
+        self.shards = shards = ShardSet.load(self.files, self.config.cluster.workers)
+        data = shards.verdict
+        self.seconds = time.perf_counter() - start
+        self.progress(f"read {data.records} records from {len(self.files)} file(s) onto {len(shards.workers)} "
+                      f"worker(s): {len(data.ids)} accepted, {len(data.rejected)} rejected")
+        if not data.ids:
+            reasons = Counter(reason for _, _, reason, _ in data.rejected)
+            raise InputError(f"no usable embeddings in {self.config.embeddings}: {len(data.rejected)} rows rejected "
+                             f"({'; '.join(f'{n} x {r}' for r, n in reasons.most_common(3))})")
+        if data.dim % (2 * self.config.num_layers):
+            raise InputError(f"embedding dimension {data.dim} is not a multiple of "
+                             f"2 * {self.config.num_layers} layers: do --layers match the embeddings?")
+        return shards
+
+    def close(self) -> None:
+        if self.shards is not None:
+            self.shards.close()
+
+
+def cluster_stage(config: JobConfig, key: str, shards: LazyShards, progress: Progress) -> Clusters:
+    """k-means, or the finished result of an earlier run with the same key."""
+    out, c = config.output, config.cluster
+    done = finished(out, "cluster", key)
+    if done:
+        table = io.parquet_from_bytes(done.files[schema.ASSIGNMENTS_PATH])
+        progress(f"k-means already finished under {out}: reused")
+        return Clusters(table.column(schema.SAMPLE_ID).to_pylist(),
+                        io.npy_from_bytes(done.files[schema.CENTROIDS_PATH]),
+                        table.column(schema.CLUSTER).to_numpy(), table.column(schema.COSINE).to_numpy(),
+                        float(done.info["objective"]), {p: sha256(b) for p, b in done.files.items()})
+    data = shards.get().verdict
+    start = time.perf_counter()
+    kmeans = shards.get().kmeans(c.clusters, iterations=c.iterations, seed=c.seed, sample_fraction=c.sample_fraction)
+    progress(f"k-means: K={c.clusters}, {c.iterations} iterations, objective {kmeans.objective:.2f} "
+             f"({time.perf_counter() - start:.1f}s)")
+    assignments = pa.table({schema.SAMPLE_ID: data.ids, schema.CLUSTER: kmeans.assignments,
+                            schema.COSINE: kmeans.cosine}, schema=schema.ASSIGNMENTS)
+    digests = publish(out, "cluster", key, {schema.CENTROIDS_PATH: io.npy_bytes(kmeans.centroids),
+                                  schema.ASSIGNMENTS_PATH: io.parquet_bytes(assignments)},
+            {"objective": kmeans.objective})
+    return Clusters(list(data.ids), kmeans.centroids, kmeans.assignments, kmeans.cosine, kmeans.objective, digests)
+
+
+def rejected_table(rejected: list[tuple]) -> pa.Table:
+    columns = list(zip(*rejected)) if rejected else [[]] * len(schema.REJECTED)
+    return pa.table(dict(zip(schema.REJECTED.names, columns)), schema=schema.REJECTED)
+
+
+def rebudget(config: JobConfig, keys: StageKeys, clusters: Clusters, progress: Progress):
+    """(Selection, rejected table) from the previous selection's rankings under the output,
+    when they were made over the same clusters and cover the new quotas; else None."""
+    from coincide_ray.select.scoring import transferability
+    from coincide_ray.select.selection import assemble, scores_and_quotas
+
+    prior = finished(config.output, "select")
+    if prior is None or prior.info.get("rank_key") != keys.rank:
+        return None
+    ranked = io.parquet_from_bytes(prior.files[schema.SELECTION_PATH])
+    if ranked.column(schema.SAMPLE_ID).to_pylist() != clusters.ids:
+        return None
+    summary = io.parquet_from_bytes(prior.files[schema.SUMMARY_PATH])
+    s, k = config.select, len(clusters.centroids)
+    if prior.info.get("transfer_key") == keys.transfer:
+        transfer = summary.column("transferability").to_numpy()
+    else:
+        transfer = transferability(clusters.centroids, num_layers=config.num_layers, similarity_mask=s.similarity_mask)
+    density = summary.column("density").to_numpy()
+    sizes = np.bincount(clusters.assignments, minlength=k).astype(np.int64)
+    rank = pc.fill_null(ranked.column(schema.RANK), -1).to_numpy().astype(np.int64)
+    score, budget, quota = scores_and_quotas(transfer, density, sizes, len(rank), s.fraction, s.temperature)
+    if (np.bincount(clusters.assignments[rank >= 0], minlength=k) < quota).any():
+        return None  # a giant cluster was ranked only up to a smaller quota: rank it again
+    progress("re-budgeted from the rankings of the previous selection under the output")
+    rejected = io.parquet_from_bytes(prior.files[schema.REJECTED_PATH])
+    return assemble(rank, clusters.assignments, transfer, density, score, sizes, quota, budget), rejected
+
+
+def selection_outputs(config: JobConfig, keys: StageKeys, clusters: Clusters, shards: LazyShards,
+                      progress: Progress) -> dict[str, bytes]:
+    """Score, budget and rank: the select stage's files, from the previous rankings when
+    they serve (a new budget), else from the embeddings on the shard workers."""
     from coincide_ray.select.stage import select_on_ray
 
+    cfg = config.select
+    reused = rebudget(config, keys, clusters, progress)
+    if reused:
+        selection, rejected = reused
+    else:
+        data = shards.get().verdict
+        if list(data.ids) != clusters.ids:
+            raise InputError(f"the embeddings under {config.embeddings} changed since k-means ran: "
+                             f"remove {io.join(config.output, 'clusters')} and run again")
+        selection = select_on_ray(
+            shards.get(), clusters.assignments, clusters.centroids, num_layers=config.num_layers,
+            fraction=cfg.fraction, temperature=cfg.temperature, sigma=cfg.sigma,
+            similarity_mask=cfg.similarity_mask, kernel_memory_bytes=cfg.kernel_memory_mb * 2**20)
+        rejected = rejected_table(data.rejected)
+    ids = clusters.ids
+    selected = np.zeros(len(ids), dtype=bool)
+    selected[selection.selected] = True
+    progress(f"selected {int(selected.sum())} of {len(ids)} (budget {selection.budget})")
+    rank = pa.array(selection.rank, mask=selection.rank < 0, type=pa.int64())
+    outputs = {
+        schema.SUMMARY_PATH: io.parquet_bytes(pa.table(selection.clusters.as_columns(), schema=schema.SUMMARY)),
+        schema.SELECTION_PATH: io.parquet_bytes(pa.table(
+            {schema.SAMPLE_ID: ids, schema.CLUSTER: clusters.assignments, schema.RANK: rank,
+             schema.SELECTED: selected}, schema=schema.SELECTION)),
+        schema.REJECTED_PATH: io.parquet_bytes(rejected),
+    }
+    if config.input:
+        outputs[schema.SELECTED_RECORDS_PATH], written = selected_records_json(
+            config.input, {ids[i] for i in selection.selected})
+        progress(f"writing {written} selected records to {io.join(config.output, schema.SELECTED_RECORDS_PATH)}")
+    return outputs
+
+
+FILE_NAMES = {schema.CENTROIDS_PATH: "centroids", schema.ASSIGNMENTS_PATH: "assignments",
+              schema.SUMMARY_PATH: "summary", schema.SELECTION_PATH: "selection", schema.REJECTED_PATH: "rejected",
+              schema.SELECTED_RECORDS_PATH: "selected_records"}
+
+
+def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: EmbedStats | None = None) -> dict:
+    """k-means + COINCIDE selection over embeddings Parquet files; returns the manifest.
+
+    Each stage is skipped when an earlier run under the same output finished it with the same
+    inputs and settings, and a new budget reuses the rankings (coincide_ray.stages); the
+    manifest is written last, from the published files, on every run."""
     config.validate()
     if not config.embeddings:
         raise InputError("the select stage needs embeddings (--embeddings URI)")
@@ -75,79 +241,54 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
         raise FileNotFoundError(f"no such file or folder: {config.embeddings}")
     if config.layers is None:
         config = dataclasses.replace(config, layers=recorded_layers(config.embeddings))
-    timings: dict[str, float] = {"embed": embed.seconds} if embed else {}
-    out, cfg = config.output, config.select
-
-    start = time.perf_counter()
+    out = config.output
     files = io.list_files(config.embeddings, (".parquet",))
-    shards = ShardSet.load(files, config.cluster.workers)
+    embeddings_fingerprint = fingerprint([(f, io.size(f)) for f in files])
+    input_files = io.list_files(config.input, (".json", ".jsonl", ".parquet")) if config.input else []
+    input_fingerprint = fingerprint([(f, io.size(f)) for f in input_files]) if config.input else None
+    keys = StageKeys.of(config, embeddings_fingerprint, input_fingerprint)
+
+    timings: dict[str, float] = {"embed": embed.seconds} if embed else {}
+    shards = LazyShards(config, files, progress)
     try:
-        data = shards.verdict
-        timings["read"] = time.perf_counter() - start
-        progress(f"read {data.records} records from {len(files)} file(s) onto {len(shards.workers)} worker(s): "
-                 f"{len(data.ids)} accepted, {len(data.rejected)} rejected")
-        if not data.ids:
-            reasons = Counter(reason for _, _, reason, _ in data.rejected)
-            raise InputError(f"no usable embeddings in {config.embeddings}: {len(data.rejected)} rows rejected "
-                             f"({'; '.join(f'{n} x {r}' for r, n in reasons.most_common(3))})")
-        if data.dim % (2 * config.num_layers):
-            raise InputError(f"embedding dimension {data.dim} is not a multiple of "
-                             f"2 * {config.num_layers} layers: do --layers match the embeddings?")
-
         start = time.perf_counter()
-        c = config.cluster
-        kmeans = shards.kmeans(c.clusters, iterations=c.iterations, seed=c.seed, sample_fraction=c.sample_fraction)
-        timings["cluster"] = time.perf_counter() - start
-        progress(f"k-means: K={c.clusters}, {c.iterations} iterations, objective {kmeans.objective:.2f} "
-                 f"({timings['cluster']:.1f}s)")
-        io.write_npy(kmeans.centroids, io.join(out, schema.CENTROIDS_PATH))
-        io.write_parquet(pa.table({schema.SAMPLE_ID: data.ids, schema.CLUSTER: kmeans.assignments,
-                                   schema.COSINE: kmeans.cosine}, schema=schema.ASSIGNMENTS),
-                         io.join(out, schema.ASSIGNMENTS_PATH))
-
-        start = time.perf_counter()
-        selection = select_on_ray(
-            shards, kmeans.assignments, kmeans.centroids, num_layers=config.num_layers, fraction=cfg.fraction,
-            temperature=cfg.temperature, sigma=cfg.sigma, similarity_mask=cfg.similarity_mask,
-            kernel_memory_bytes=cfg.kernel_memory_mb * 2**20,
-        )
-        timings["select"] = time.perf_counter() - start
+        clusters = cluster_stage(config, keys.cluster, shards, progress)
+        timings["cluster"] = time.perf_counter() - start - shards.seconds
+        start, read = time.perf_counter(), shards.seconds
+        done = finished(out, "select", keys.select)
+        if done:
+            progress(f"selection already finished under {out}: reused")
+            outputs, digests = done.files, {p: sha256(b) for p, b in done.files.items()}
+        else:
+            outputs = selection_outputs(config, keys, clusters, shards, progress)
+            digests = publish(out, "select", keys.select, outputs, {"rank_key": keys.rank, "transfer_key": keys.transfer})
+        timings["select"] = time.perf_counter() - start - (shards.seconds - read)
+        timings["read"] = shards.seconds
     finally:
         shards.close()
-    selected = np.zeros(len(data.ids), dtype=bool)
-    selected[selection.selected] = True
-    progress(f"selected {int(selected.sum())} of {len(data.ids)} (budget {selection.budget}) "
-             f"({timings['select']:.1f}s)")
-    io.write_parquet(pa.table(selection.clusters.as_columns(), schema=schema.SUMMARY), io.join(out, schema.SUMMARY_PATH))
-    rank = pa.array(selection.rank, mask=selection.rank < 0, type=pa.int64())
-    io.write_parquet(pa.table({schema.SAMPLE_ID: data.ids, schema.CLUSTER: kmeans.assignments, schema.RANK: rank,
-                               schema.SELECTED: selected}, schema=schema.SELECTION), io.join(out, schema.SELECTION_PATH))
-    rejected = list(zip(*data.rejected)) if data.rejected else [[]] * len(schema.REJECTED)
-    io.write_parquet(pa.table(dict(zip(schema.REJECTED.names, rejected)), schema=schema.REJECTED),
-                     io.join(out, schema.REJECTED_PATH))
 
-    paths = [("centroids", schema.CENTROIDS_PATH), ("assignments", schema.ASSIGNMENTS_PATH),
-             ("summary", schema.SUMMARY_PATH), ("selection", schema.SELECTION_PATH),
-             ("rejected", schema.REJECTED_PATH)]
-    if config.input:
-        chosen = {data.ids[i] for i in selection.selected}
-        written = write_selected_records(config.input, chosen, io.join(out, schema.SELECTED_RECORDS_PATH))
-        progress(f"wrote {written} selected records to {io.join(out, schema.SELECTED_RECORDS_PATH)}")
-        paths.append(("selected_records", schema.SELECTED_RECORDS_PATH))
+    summary = io.parquet_from_bytes(outputs[schema.SUMMARY_PATH])
+    selected = int(pc.sum(io.parquet_from_bytes(outputs[schema.SELECTION_PATH]).column(schema.SELECTED)).as_py() or 0)
+    rejected = io.parquet_from_bytes(outputs[schema.REJECTED_PATH]).column(schema.REASON).to_pylist()
+    accepted = len(clusters.ids)
+    budget = int(config.select.fraction * accepted)
+    digests = {**clusters.digests, **digests}
     embedded = embed.embedded if embed else 0
     manifest = {
         "command": command_line(),
         "config": config.to_dict(),
         "versions": library_versions(),
-        "input": {"embeddings": config.embeddings, "files": files,
-                  "fingerprint": fingerprint([(f, io.size(f)) for f in files])},
-        "counts": {"records": data.records, "rejected": len(data.rejected), "selected": int(selected.sum()),
-                   "embedded": embedded, "reused": len(data.ids) - embedded if embed else 0},
-        "health": health(kmeans.centroids, selection.clusters.size, [r for _, _, r, _ in data.rejected],
-                         selection.budget, int(selected.sum())),
+        "input": {"embeddings": config.embeddings, "files": files, "fingerprint": embeddings_fingerprint,
+                  "records": config.input, "records_fingerprint": input_fingerprint},
+        "counts": {"records": accepted + len(rejected), "rejected": len(rejected), "selected": selected,
+                   "embedded": embedded, "reused": accepted - embedded if embed else 0},
+        "health": health(clusters.centroids, summary.column("size").to_numpy(), rejected, budget, selected),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "paths": {name: io.join(out, path) for name, path in paths},
+        "paths": {FILE_NAMES[path]: io.join(out, path) for path in digests},
+        "sha256": {FILE_NAMES[path]: digest for path, digest in digests.items()},
+        "stage_keys": {"cluster": keys.cluster, "select": keys.select},
     }
-    io.write_json(manifest, io.join(out, schema.MANIFEST_PATH))  # last: marks the run complete
-    progress(f"outputs under {out} (manifest: {io.join(out, schema.MANIFEST_PATH)})")
+    manifest_uri = io.join(out, schema.MANIFEST_PATH)
+    io.write_json(manifest, manifest_uri)  # last: marks the run complete
+    progress(f"outputs under {out} (manifest: {manifest_uri})")
     return manifest

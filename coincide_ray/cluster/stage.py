@@ -49,7 +49,6 @@ class ShardWorker:
         self.last: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # rows, cluster, cosine of the last step
         self.fit_key: tuple | None = None  # (total rows, sample fraction, seed) of fit_rows
         self.fit_rows = np.zeros(0, np.int64)
-        self.cluster = np.zeros(0, np.int64)
 
     def scan(self) -> list[embeddings.FileRows]:
         reports = []
@@ -109,17 +108,17 @@ class ShardWorker:
 
     def assign_all(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         cluster, cosine = self._assign(centroids, np.arange(len(self.x)))
-        self.cluster = cluster
         return self.index, cluster, cosine
 
-    def export(self, bucket_of_cluster: np.ndarray) -> dict[int, ray.ObjectRef]:
+    def export(self, assignments: np.ndarray, bucket_of_cluster: np.ndarray) -> dict[int, ray.ObjectRef]:
         """This shard's rows grouped by scoring bucket, each group put in the object store:
-        (global index, cluster, raw vectors)."""
-        buckets = bucket_of_cluster[self.cluster]
+        (global index, cluster, raw vectors). `assignments` covers every accepted row."""
+        cluster = assignments[self.index]
+        buckets = bucket_of_cluster[cluster]
         refs = {}
         for bucket in np.unique(buckets):
             rows = np.flatnonzero(buckets == bucket)
-            refs[int(bucket)] = ray.put((self.index[rows], self.cluster[rows], self.x[rows]))
+            refs[int(bucket)] = ray.put((self.index[rows], cluster[rows], self.x[rows]))
         return refs
 
 

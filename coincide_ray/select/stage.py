@@ -91,7 +91,8 @@ def select_on_ray(shards: ShardSet, assignments: np.ndarray, centroids: np.ndarr
     transfer = transferability(centroids, num_layers=num_layers, similarity_mask=similarity_mask)
     sizes = np.bincount(assignments, minlength=k).astype(np.int64)
     bucket_of = plan_buckets(sizes, kernel_memory_bytes)
-    exports = ray.get([w.export.remote(bucket_of) for w in shards.workers])
+    shared = ray.put(np.asarray(assignments, dtype=np.int64))  # sent once, read by every shard
+    exports = ray.get([w.export.remote(shared, bucket_of) for w in shards.workers])
     parts_of = {b: [refs[b] for refs in exports if b in refs] for b in np.unique(bucket_of[bucket_of >= 0])}
     tasks = [score_bucket.remote(parts, sigma, kernel_memory_bytes) for parts in parts_of.values()]
     density = np.full(k, np.nan)
