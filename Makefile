@@ -29,6 +29,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) jobs/bench_select.py
 	$(PY) jobs/bench_embed.py
+	$(PY) jobs/bench_kmeans.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -39,7 +39,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [ConfigError, InputError, InputFormatError, ModelError, SchemaError,
                                          FileNotFoundError, PermissionError]
     try:
-        from botocore.exceptions import NoCredentialsError, EndpointConnectionError
+        from botocore.exceptions import EndpointConnectionError, NoCredentialsError
 
         errors += [NoCredentialsError, EndpointConnectionError]
     except ImportError:

@@ -14,6 +14,7 @@ import io as _io
 import json
 import struct
 import zlib
+
 import numpy as np
 from PIL import Image, ImageDraw
 

@@ -19,10 +19,10 @@ import ray
 from coincide_ray import embeddings, io
 from coincide_ray.arrays import unit_rows
 from coincide_ray.cluster.kmeans import (
+    CentroidIndex,
     KMeansResult,
     PartialSums,
     Spare,
-    assign,
     check_kmeans_args,
     initial_draw,
     objective,
@@ -34,7 +34,21 @@ from coincide_ray.cluster.kmeans import (
 )
 
 SHARD_CPUS = 0.25  # CPUs a shard worker reserves (see ShardSet.load)
-CHUNK_ROWS = 65_536  # rows normalised and assigned at a time: bounds a worker's temporary memory
+CHUNK_BYTES = 256 * 2**20  # float32 rows normalised and assigned at a time: bounds a worker's temporaries
+
+
+def chunks(count: int, dim: int):
+    """Slices over `count` rows of `dim` floats, CHUNK_BYTES at a time."""
+    step = max(256, CHUNK_BYTES // (4 * max(dim, 1)))
+    return (slice(start, start + step) for start in range(0, count, step))
+
+
+def as_completed(refs: list):
+    """Results of Ray object refs in the order they finish."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(ready[0])
 
 
 @ray.remote
@@ -73,12 +87,11 @@ class ShardWorker:
         return self.index[held], unit_rows(self.x[held])
 
     def _assign(self, centroids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        index = CentroidIndex(centroids)
         cluster = np.empty(len(rows), np.int64)
         cosine = np.empty(len(rows), np.float32)
-        for start in range(0, len(rows), CHUNK_ROWS):
-            part = rows[start : start + CHUNK_ROWS]
-            cluster[start : start + len(part)], cosine[start : start + len(part)] = assign(
-                unit_rows(self.x[part]), centroids)
+        for chunk in chunks(len(rows), self.x.shape[1]):
+            cluster[chunk], cosine[chunk] = index.assign(unit_rows(self.x[rows[chunk]]))
         return cluster, cosine
 
     def step(self, centroids: np.ndarray, fit: tuple[int, float, int]) -> PartialSums:
@@ -88,13 +101,13 @@ class ShardWorker:
             self.fit_key, self.fit_rows = fit, np.flatnonzero(sample_mask(total, fraction, seed)[self.index])
         rows = self.fit_rows
         k = len(centroids)
+        index = CentroidIndex(centroids)
         cluster = np.empty(len(rows), np.int64)
         cosine = np.empty(len(rows), np.float32)
         sums, counts = np.zeros((k, self.x.shape[1]), np.int64), np.zeros(k, np.int64)
-        for start in range(0, len(rows), CHUNK_ROWS):
-            chunk = slice(start, start + CHUNK_ROWS)
+        for chunk in chunks(len(rows), self.x.shape[1]):
             x_unit = unit_rows(self.x[rows[chunk]])
-            cluster[chunk], cosine[chunk] = assign(x_unit, centroids)
+            cluster[chunk], cosine[chunk] = index.assign(x_unit)
             part = partial_sums(x_unit, cluster[chunk], k)
             sums += part.sums  # exact: chunking does not change the result
             counts += part.counts
@@ -194,7 +207,7 @@ class ShardSet:
             centroids = np.concatenate([self.unit_rows_at(fitted[picks]), filler]).astype(np.float32)
         for _ in range(iterations):
             shared = ray.put(centroids)  # sent once per iteration, read by every shard
-            stats = PartialSums.combine(ray.get([w.step.remote(shared, fit) for w in self.workers]))
+            stats = PartialSums.combine(as_completed([w.step.remote(shared, fit) for w in self.workers]))
             m = spare_needed(stats.counts)
             spare = Spare.combine(ray.get([w.spare.remote(m) for w in self.workers]), m) if m else None
             centroids = update_centroids(stats, spare, centroids)

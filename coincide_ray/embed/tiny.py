@@ -134,7 +134,11 @@ def _llava(text: dict, hidden: int, image_size: int):
 
 
 def _idefics3(text: dict, hidden: int, image_size: int):
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3Processor,
+    )
     from transformers.models.idefics3 import Idefics3ImageProcessorPil
 
     specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
