@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     sources.add_argument("--input", metavar="URI", help="records: LLaVA JSON list, JSON Lines or Parquet (file or folder)")
     sources.add_argument("--image-root", metavar="URI", help="folder or s3:// prefix the records' image paths are under")
     sources.add_argument("--model", metavar="URI", help="image-text-to-text checkpoint folder (local or s3://)")
+    sources.add_argument("--previous", metavar="URI",
+                         help="a finished earlier run: unchanged records reuse its vectors; the selection is diffed")
     budget = argparse.ArgumentParser(add_help=False)
     budget.add_argument("--fraction", type=float, metavar="F", help="share of accepted records to select (default 0.2)")
     budget.add_argument("--clusters", type=int, metavar="K", help="number of k-means clusters (default 1000)")
@@ -68,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--kmeans-sample", type=float, metavar="F",
                         help="fit the centroids on this share of the rows, then assign all (default 1: all rows)")
     budget.add_argument("--temperature", type=float, metavar="TAU", help="softmax temperature of the budget (default 0.1)")
+    budget.add_argument("--warm-start", action="store_true", default=None,
+                        help="start k-means from --previous's centroids (steadier, but history-dependent)")
 
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     formatter = argparse.RawDescriptionHelpFormatter
@@ -90,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     select.add_argument("--embeddings", metavar="URI",
                         help="Parquet file or folder with sample_id, embedding (default: <output>/embeddings)")
+    select.add_argument("--previous", metavar="URI",
+                        help="a finished earlier run: the selection is diffed against it (and --warm-start)")
     return parser
 
 
@@ -102,9 +108,10 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         "image_root": given.get("image_root"),
         "model": given.get("model"),
         "embeddings": given.get("embeddings"),
+        "previous": given.get("previous"),
         "layers": args.layers,
         "cluster": {"clusters": given.get("clusters"), "iterations": given.get("iterations"), "seed": given.get("seed"),
-                    "sample_fraction": given.get("kmeans_sample")},
+                    "sample_fraction": given.get("kmeans_sample"), "warm_start": given.get("warm_start")},
         "select": {"fraction": given.get("fraction"), "temperature": given.get("temperature")},
     }
     values = merge(base, flags)

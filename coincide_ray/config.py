@@ -52,6 +52,10 @@ class ClusterConfig:
     # large K at some cost in objective; 1.0 fits on all rows, as the paper does.
     sample_fraction: float = 1.0
     workers: int = 0  # shard workers holding the embeddings; 0 = one per CPU of the Ray cluster
+    # Start from the previous run's centroids (with `previous`, same K and dimension) instead
+    # of a seeded draw: steadier clusters night to night, but the result then depends on
+    # the history of runs, not only on this run's inputs.
+    warm_start: bool = False
 
     def validate(self) -> None:
         _fail_unless(0.0 < self.sample_fraction <= 1.0,
@@ -83,6 +87,9 @@ class JobConfig:
     image_root: str | None = None  # folder or s3:// prefix that record image paths are relative to
     model: str | None = None  # image-text-to-text checkpoint folder (local or s3://), safetensors
     embeddings: str | None = None  # Parquet file or folder with sample_id, embedding
+    # A finished earlier run (its output folder): records whose fingerprint it embedded are
+    # reused instead of recomputed, and the selection is compared with its selection.
+    previous: str | None = None
     # Decoder layers whose o_proj outputs are pooled. None: the paper's choice (3, 7, 11, 15, 19
     # of 24 layers) at the same relative depths of the checkpoint's decoder; `select` then
     # takes the layers recorded with the embeddings.
@@ -148,7 +155,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
             raise ConfigError(f"{prefix}{name} must be an integer, got {value!r}")
         if kind == "float" and not numeric:
             raise ConfigError(f"{prefix}{name} must be a number, got {value!r}")
-        if kind in ("str", "str | None") and not isinstance(value, str):
+        if kind in ("str", "str | None") and not isinstance(value, str) and not (kind != "str" and value is None):
             raise ConfigError(f"{prefix}{name} must be a string, got {value!r}")
         if kind == "bool" and not isinstance(value, bool):
             raise ConfigError(f"{prefix}{name} must be true or false, got {value!r}")

@@ -116,6 +116,11 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, filesystem=fs, columns=columns)
 
 
+def parquet_schema(uri: str) -> pa.Schema:
+    fs, path = resolve(uri)
+    return pq.read_schema(path, filesystem=fs)
+
+
 def write_parquet(table: pa.Table, uri: str) -> None:
     write_bytes(uri, parquet_bytes(table))
 

@@ -74,9 +74,11 @@ class StageKeys:
     select: str  # + budget settings and the records file behind selected.json
 
     @staticmethod
-    def of(config: JobConfig, embeddings_fingerprint: str, input_fingerprint: str | None) -> "StageKeys":
+    def of(config: JobConfig, embeddings_fingerprint: str, input_fingerprint: str | None,
+           init_fingerprint: str | None) -> StageKeys:
         c, s = config.cluster, config.select
-        cluster = stage_key("cluster", embeddings_fingerprint, c.clusters, c.iterations, c.seed, c.sample_fraction)
+        cluster = stage_key("cluster", embeddings_fingerprint, c.clusters, c.iterations, c.seed, c.sample_fraction,
+                            init_fingerprint)
         rank = stage_key("rank", cluster, s.sigma)
         transfer = stage_key("transfer", cluster, config.layers, s.similarity_mask)
         select = stage_key("select", rank, transfer, s.fraction, s.temperature, config.input, input_fingerprint)
@@ -126,7 +128,24 @@ class LazyShards:
             self.shards.close()
 
 
-def cluster_stage(config: JobConfig, key: str, shards: LazyShards, progress: Progress) -> Clusters:
+def warm_start_centroids(config: JobConfig, progress: Progress) -> np.ndarray | None:
+    """The previous run's centroids when cluster.warm_start asks for them and they fit."""
+    if not (config.cluster.warm_start and config.previous):
+        return None
+    uri = io.join(config.previous, schema.CENTROIDS_PATH)
+    if not io.exists(uri):
+        progress(f"warm start skipped: no {uri}")
+        return None
+    centroids = io.read_npy(uri)
+    if len(centroids) != config.cluster.clusters:
+        progress(f"warm start skipped: {uri} has {len(centroids)} centroids, this run asks for "
+                 f"{config.cluster.clusters}")
+        return None
+    return centroids
+
+
+def cluster_stage(config: JobConfig, key: str, shards: LazyShards, progress: Progress,
+                  init: np.ndarray | None = None) -> Clusters:
     """k-means, or the finished result of an earlier run with the same key."""
     out, c = config.output, config.cluster
     done = finished(out, "cluster", key)
@@ -139,7 +158,11 @@ def cluster_stage(config: JobConfig, key: str, shards: LazyShards, progress: Pro
                         float(done.info["objective"]), {p: sha256(b) for p, b in done.files.items()})
     data = shards.get().verdict
     start = time.perf_counter()
-    kmeans = shards.get().kmeans(c.clusters, iterations=c.iterations, seed=c.seed, sample_fraction=c.sample_fraction)
+    if init is not None and init.shape[1] != data.dim:
+        progress(f"warm start skipped: the previous centroids have dimension {init.shape[1]}, not {data.dim}")
+        init = None
+    kmeans = shards.get().kmeans(c.clusters, iterations=c.iterations, seed=c.seed, init=init,
+                                 sample_fraction=c.sample_fraction)
     progress(f"k-means: K={c.clusters}, {c.iterations} iterations, objective {kmeans.objective:.2f} "
              f"({time.perf_counter() - start:.1f}s)")
     assignments = pa.table({schema.SAMPLE_ID: data.ids, schema.CLUSTER: kmeans.assignments,
@@ -223,6 +246,28 @@ def selection_outputs(config: JobConfig, keys: StageKeys, clusters: Clusters, sh
     return outputs
 
 
+def selected_ids(selection: pa.Table) -> list[str]:
+    return selection.filter(selection.column(schema.SELECTED)).column(schema.SAMPLE_ID).to_pylist()
+
+
+def write_diff(previous: str, ids: list[str], outputs: dict[str, bytes], out: str, progress: Progress) -> dict:
+    """selection/diff.json: the selected ids added and dropped since the previous run, in
+    this run's canonical order (dropped ones in the previous run's order)."""
+    uri = io.join(previous, schema.SELECTION_PATH)
+    if not io.exists(uri):
+        progress(f"no selection to compare with at {uri}")
+        return {"previous": previous, "compared": False}
+    before = selected_ids(io.read_parquet(uri, [schema.SAMPLE_ID, schema.SELECTED]))
+    now = selected_ids(io.parquet_from_bytes(outputs[schema.SELECTION_PATH]))
+    kept_before, kept_now = set(before), set(now)
+    diff = {"previous": previous, "added": [i for i in now if i not in kept_before],
+            "dropped": [i for i in before if i not in kept_now]}
+    io.write_json(diff, io.join(out, schema.DIFF_PATH))
+    progress(f"since {previous}: {len(diff['added'])} selected ids added, {len(diff['dropped'])} dropped")
+    return {"previous": previous, "compared": True, "added": len(diff["added"]), "dropped": len(diff["dropped"]),
+            "path": io.join(out, schema.DIFF_PATH)}
+
+
 FILE_NAMES = {schema.CENTROIDS_PATH: "centroids", schema.ASSIGNMENTS_PATH: "assignments",
               schema.SUMMARY_PATH: "summary", schema.SELECTION_PATH: "selection", schema.REJECTED_PATH: "rejected",
               schema.SELECTED_RECORDS_PATH: "selected_records"}
@@ -246,13 +291,15 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
     embeddings_fingerprint = fingerprint([(f, io.size(f)) for f in files])
     input_files = io.list_files(config.input, (".json", ".jsonl", ".parquet")) if config.input else []
     input_fingerprint = fingerprint([(f, io.size(f)) for f in input_files]) if config.input else None
-    keys = StageKeys.of(config, embeddings_fingerprint, input_fingerprint)
+    init = warm_start_centroids(config, progress)
+    keys = StageKeys.of(config, embeddings_fingerprint, input_fingerprint,
+                        None if init is None else sha256(io.npy_bytes(init)))
 
     timings: dict[str, float] = {"embed": embed.seconds} if embed else {}
     shards = LazyShards(config, files, progress)
     try:
         start = time.perf_counter()
-        clusters = cluster_stage(config, keys.cluster, shards, progress)
+        clusters = cluster_stage(config, keys.cluster, shards, progress, init)
         timings["cluster"] = time.perf_counter() - start - shards.seconds
         start, read = time.perf_counter(), shards.seconds
         done = finished(out, "select", keys.select)
@@ -288,6 +335,8 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
         "sha256": {FILE_NAMES[path]: digest for path, digest in digests.items()},
         "stage_keys": {"cluster": keys.cluster, "select": keys.select},
     }
+    if config.previous:
+        manifest["diff"] = write_diff(config.previous, clusters.ids, outputs, out, progress)
     manifest_uri = io.join(out, schema.MANIFEST_PATH)
     io.write_json(manifest, manifest_uri)  # last: marks the run complete
     progress(f"outputs under {out} (manifest: {manifest_uri})")

@@ -31,6 +31,8 @@ REJECTED = pa.schema([(SAMPLE_ID, pa.string()), (STAGE, pa.string()), (REASON, p
 
 IMAGE_TOKENS = "image_tokens"
 TEXT_TOKENS = "text_tokens"
+# sha256 of what determines a record's vector: model, layers, conversations, image bytes
+FINGERPRINT = "fingerprint"
 
 # One file per input block: every record of the block, in block order. Rejected records
 # have a null embedding and say why in stage/reason/detail, so a block's accounting is one
@@ -41,6 +43,7 @@ EMBEDDINGS = pa.schema(
         (EMBEDDING, pa.list_(pa.float32())),
         (IMAGE_TOKENS, pa.int32()),
         (TEXT_TOKENS, pa.int32()),
+        (FINGERPRINT, pa.string()),
         (STAGE, pa.string()),
         (REASON, pa.string()),
         (DETAIL, pa.string()),
@@ -57,6 +60,7 @@ SUMMARY_PATH = "clusters/summary.parquet"
 SELECTION_PATH = "selection/selection.parquet"
 REJECTED_PATH = "selection/rejected.parquet"
 SELECTED_RECORDS_PATH = "selection/selected.json"
+DIFF_PATH = "selection/diff.json"
 MANIFEST_PATH = "manifest.json"
 
 

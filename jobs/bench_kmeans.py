@@ -20,7 +20,6 @@ import tempfile
 import faiss
 import numpy as np
 import pyarrow.parquet as pq
-
 from benchkit import machine, report, timed
 
 

@@ -13,6 +13,7 @@ from PIL import Image, UnidentifiedImageError
 
 from coincide_ray import io
 from coincide_ray.embed.msa import LANGUAGE_START
+from coincide_ray.embed.reuse import PreviousVectors, record_fingerprint
 from coincide_ray.records import Record, Rejection, chat_messages
 
 STAGE = "embed"
@@ -32,6 +33,8 @@ class PreparedBlock:
     ids: list[str]  # every record of the block, in block order
     batches: list[Batch] = field(default_factory=list)
     rejected: dict[int, Rejection] = field(default_factory=dict)  # position -> why
+    fingerprints: dict[int, str] = field(default_factory=dict)  # position -> fingerprint (coincide_ray.embed.reuse)
+    reused: dict[int, tuple[str, int]] = field(default_factory=dict)  # position -> (earlier part file, row)
 
 
 def template_prefix_tokens(processor) -> int:
@@ -72,14 +75,17 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
 class Preprocessor:
     """Turns the records of one block into model-ready batches (runs in CPU workers)."""
 
-    def __init__(self, processor, *, image_root: str | None, batch_size: int, max_image_pixels: int):
+    def __init__(self, processor, *, image_root: str | None, batch_size: int, max_image_pixels: int,
+                 salt: str = "", previous: PreviousVectors | None = None):
         self.processor = processor
+        self.salt = salt  # run_salt(model, layers): part of every record fingerprint
+        self.previous = previous  # an earlier run's vectors, reused by fingerprint
         self.image_root = image_root
         self.batch_size = batch_size
         self.max_image_pixels = max_image_pixels
         self.language_start = template_prefix_tokens(processor)
 
-    def fetch(self, record: Record) -> Image.Image:
+    def fetch(self, record: Record) -> bytes:
         if self.image_root is None:
             raise ValueError("record names an image but no --image-root was given")
         uri = io.join(self.image_root, record.image)
@@ -89,7 +95,7 @@ class Preprocessor:
             raise ValueError("missing image file") from None
         except (PermissionError, OSError) as error:
             raise ValueError(f"image not readable ({type(error).__name__})") from None
-        return decode_image(data, self.max_image_pixels)
+        return data
 
     def encode(self, prompts: list[str], images: list[Image.Image] | None) -> dict[str, np.ndarray]:
         kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "np", "padding": True}
@@ -107,7 +113,14 @@ class Preprocessor:
                 prepared.rejected[position] = item
                 continue
             try:
-                image = self.fetch(item) if item.image is not None else None
+                data = self.fetch(item) if item.image is not None else None
+                fingerprint = record_fingerprint(self.salt, item, data)
+                earlier = self.previous.find(fingerprint) if self.previous else None
+                if earlier:
+                    prepared.fingerprints[position], prepared.reused[position] = fingerprint, earlier
+                    continue
+                image = decode_image(data, self.max_image_pixels) if data is not None else None
+                prepared.fingerprints[position] = fingerprint
                 prompt = self.processor.apply_chat_template(chat_messages(item), tokenize=False)
             except Exception as error:  # one bad record never takes its block down
                 reason = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"

@@ -26,6 +26,7 @@ from coincide_ray.config import EmbedConfig, JobConfig
 from coincide_ray.embed import model as model_io
 from coincide_ray.embed.msa import default_layers, extract_msa_embeddings
 from coincide_ray.embed.preprocess import STAGE, PreparedBlock, Preprocessor
+from coincide_ray.embed.reuse import PreviousVectors, fetch_vectors, run_salt
 from coincide_ray.manifest import library_versions
 from coincide_ray.records import Record, Rejection, parse_record, read_raw_records
 
@@ -53,13 +54,15 @@ def plan_blocks(input_uri: str, block_records: int) -> list[list[Record | Reject
 class PrepareWorker:
     """Ray Data UDF (CPU actor): a block's records -> model-ready batches."""
 
-    def __init__(self, model_uri: str, embed: EmbedConfig, image_root: str | None):
+    def __init__(self, model_uri: str, embed: EmbedConfig, image_root: str | None, salt: str, previous):
         from transformers import AutoProcessor
 
         folder = model_io.local_copy(model_uri, embed.model_cache)
         processor = AutoProcessor.from_pretrained(folder, trust_remote_code=embed.trust_remote_code)
+        if isinstance(previous, ray.ObjectRef):
+            previous = ray.get(previous)
         self.preprocessor = Preprocessor(processor, image_root=image_root, batch_size=embed.batch_size,
-                                         max_image_pixels=embed.max_image_pixels)
+                                         max_image_pixels=embed.max_image_pixels, salt=salt, previous=previous)
 
     def __call__(self, row: dict) -> dict:
         return {"block": row["block"], "prepared": self.preprocessor.prepare(row["block"], row["items"])}
@@ -83,7 +86,7 @@ class ModelWorker:
         prepared: PreparedBlock = row["prepared"]
         n = len(prepared.ids)
         result = EmbeddedBlock(prepared.block, prepared.ids, [None] * n, np.zeros(n, np.int32),
-                               np.zeros(n, np.int32), prepared.rejected)
+                               np.zeros(n, np.int32), prepared.rejected, prepared.fingerprints, prepared.reused)
         token = getattr(self.loaded.model.config, "image_token_id", None)
         for batch in prepared.batches:
             try:
@@ -119,12 +122,15 @@ class EmbeddedBlock:
     image_tokens: np.ndarray
     text_tokens: np.ndarray
     rejected: dict[int, Rejection]  # position -> why
+    fingerprints: dict[int, str]  # position -> record fingerprint
+    reused: dict[int, tuple[str, int]]  # position -> (earlier run's part file, row): filled by write_block
 
     def table(self) -> pa.Table:
         """Every record of the block, in block order; rejected ones with a null embedding."""
         n = len(self.ids)
         vectors = [None if p in self.rejected or self.vectors[p] is None else self.vectors[p].tolist()
                    for p in range(n)]
+        fingerprints = [self.fingerprints.get(p) if vectors[p] is not None else None for p in range(n)]
 
         def why(field: str) -> list:
             return [getattr(self.rejected[p], field) if p in self.rejected else None for p in range(n)]
@@ -132,17 +138,20 @@ class EmbeddedBlock:
         return pa.table({
             schema.SAMPLE_ID: self.ids, schema.EMBEDDING: vectors,
             schema.IMAGE_TOKENS: self.image_tokens, schema.TEXT_TOKENS: self.text_tokens,
-            schema.STAGE: why("stage"), schema.REASON: why("reason"), schema.DETAIL: why("detail"),
+            schema.FINGERPRINT: fingerprints, schema.STAGE: why("stage"), schema.REASON: why("reason"), schema.DETAIL: why("detail"),
         }, schema=schema.EMBEDDINGS)
 
 
 def write_block(row: dict, output: str) -> dict:
     """Publish one block's file; returns the counts the driver shows and totals."""
     result: EmbeddedBlock = row["result"]
+    for position, (vector, image, text) in fetch_vectors(result.reused).items():
+        result.vectors[position] = vector
+        result.image_tokens[position], result.text_tokens[position] = image, text
     io.write_parquet(result.table(), io.join(output, schema.EMBEDDINGS_DIR, part_name(result.block)))
     reasons = Counter(r.reason for r in result.rejected.values())
     return {"block": result.block, "records": len(result.ids), "rejected": sum(reasons.values()),
-            "reasons": json.dumps(dict(sorted(reasons.items())))}
+            "reused": len(result.reused), "reasons": json.dumps(dict(sorted(reasons.items())))}
 
 
 @dataclass
@@ -150,7 +159,8 @@ class EmbedResult:
     blocks: int
     reused_blocks: int
     records: int
-    embedded: int  # records embedded by this run
+    embedded: int  # records embedded by the model in this run
+    reused: int  # records whose vector was copied from config.previous
     seconds: float
 
 
@@ -225,7 +235,8 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
     start = time.perf_counter()
     out = config.output
     config, hidden = resolve_layers(config)
-    check_provenance(config, hidden, out)
+    made = check_provenance(config, hidden, out)
+    salt = run_salt(made["model_fingerprint"], config.layers)
     progress(f"embed: model {config.model}, layers {list(config.layers)}, dimension {2 * len(config.layers) * hidden}")
     blocks = plan_blocks(config.input, config.embed.block_records)
     records = sum(len(b) for b in blocks)
@@ -236,11 +247,16 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
         done = {os.path.basename(p) for p in fs.ls(path, detail=False)}
     pending = [i for i in range(len(blocks)) if part_name(i) not in done]
     progress(f"embed: {records} records in {len(blocks)} blocks; {len(blocks) - len(pending)} blocks already done")
-    embedded = 0
+    embedded = reused = 0
     if pending:
+        previous = None
+        if config.previous:
+            previous = PreviousVectors.of_run(config.previous)
+            progress(f"embed: {len(previous)} vectors of {config.previous} can be reused by fingerprint")
+            previous = ray.put(previous)  # sent once to every CPU worker
         pool = plan_pool(config.embed)
         ds = ray.data.from_items([{"block": i, "items": blocks[i]} for i in pending], override_num_blocks=len(pending))
-        ds = ds.map(PrepareWorker, fn_constructor_args=(config.model, config.embed, config.image_root),
+        ds = ds.map(PrepareWorker, fn_constructor_args=(config.model, config.embed, config.image_root, salt, previous),
                     concurrency=pool.preparers, num_cpus=1)
         ds = ds.map(ModelWorker, fn_constructor_args=(config.model, config.embed, config.layers, pool.threads),
                     concurrency=pool.actors, num_gpus=pool.gpus, num_cpus=0 if pool.gpus else 1)
@@ -248,9 +264,12 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
         finished = 0
         for summary in ds.iter_rows():
             finished += 1
-            embedded += summary["records"] - summary["rejected"]
-            progress(f"embed: block {summary['block']} written ({finished}/{len(pending)}); "
-                     f"rejected {summary['rejected']} {summary['reasons'] if summary['rejected'] else ''}".rstrip())
+            embedded += summary["records"] - summary["rejected"] - summary["reused"]
+            reused += summary["reused"]
+            progress(f"embed: block {summary['block']} written ({finished}/{len(pending)}); reused "
+                     f"{summary['reused']}, rejected {summary['rejected']} "
+                     f"{summary['reasons'] if summary['rejected'] else ''}".rstrip())
     listing = sorted(part_name(i) for i in range(len(blocks)))
     io.write_json({"parts": listing, "records": records}, io.join(out, schema.EMBEDDINGS_DONE_PATH))
-    return EmbedResult(len(blocks), len(blocks) - len(pending), records, embedded, time.perf_counter() - start)
+    return EmbedResult(len(blocks), len(blocks) - len(pending), records, embedded, reused,
+                       time.perf_counter() - start)

@@ -1,9 +1,9 @@
 import warnings
 
+import naive
 import numpy as np
 import pytest
 
-import naive
 from coincide_ray.select import allocate_budget
 from coincide_ray.select.budget import visiting_order
 

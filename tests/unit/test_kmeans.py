@@ -3,7 +3,15 @@ import numpy as np
 import pytest
 
 from coincide_ray.cluster import spherical_kmeans
-from coincide_ray.cluster.kmeans import FIXED_POINT, PartialSums, Spare, assign, initial_centroids, partial_sums, unit_rows
+from coincide_ray.cluster.kmeans import (
+    FIXED_POINT,
+    PartialSums,
+    Spare,
+    assign,
+    initial_centroids,
+    partial_sums,
+    unit_rows,
+)
 from coincide_ray.synthetic import planted_embeddings
 
 

@@ -1,7 +1,7 @@
+import naive
 import numpy as np
 import pytest
 
-import naive
 from coincide_ray.select import greedy_mmd_order, rank_cluster
 from coincide_ray.select.mmd import ClusterKernel
 

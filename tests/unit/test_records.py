@@ -4,7 +4,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from coincide_ray.records import Record, Rejection, chat_messages, confine_image_path, parse_record, read_raw_records
+from coincide_ray.records import (
+    Record,
+    Rejection,
+    chat_messages,
+    confine_image_path,
+    parse_record,
+    read_raw_records,
+)
 
 TURNS = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]
 

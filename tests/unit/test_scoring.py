@@ -1,7 +1,7 @@
+import naive
 import numpy as np
 import pytest
 
-import naive
 from coincide_ray.select import transferability
 from coincide_ray.select.scoring import language_halves
 

@@ -1,7 +1,7 @@
+import naive
 import numpy as np
 import pytest
 
-import naive
 from coincide_ray.select import select_from_clusters
 from coincide_ray.synthetic import planted_embeddings
 

@@ -1,0 +1,99 @@
+"""Reusing an earlier run's vectors (nightly refresh): record fingerprints and their lookup.
+
+A record's fingerprint is the sha256 of everything its vector depends on: the model's
+fingerprint and the pooled layers (the run's salt), the record's conversations and the
+sha256 of its image bytes. A record of tonight's corpus whose fingerprint an earlier run
+embedded gets that run's vector, copied; only new or changed records go through the model.
+The lookup table is compact (16 bytes of each fingerprint, sorted), so it is sent once to
+every CPU worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.compute as pc
+
+from coincide_ray import io, schema
+from coincide_ray.records import Record
+
+
+def run_salt(model_fingerprint: str, layers: tuple[int, ...]) -> str:
+    return f"{model_fingerprint}|{','.join(map(str, layers))}"
+
+
+def record_fingerprint(salt: str, record: Record, image_bytes: bytes | None) -> str:
+    digest = hashlib.sha256()
+    digest.update(salt.encode())
+    digest.update(b"\0")
+    digest.update(json.dumps(record.conversations, sort_keys=True, ensure_ascii=False).encode())
+    digest.update(b"\0")
+    digest.update(b"-" if image_bytes is None else hashlib.sha256(image_bytes).digest())
+    return digest.hexdigest()
+
+
+KEY_BYTES = 16  # of the 32-byte digest: collisions among 1e9 records have odds of ~1e-21
+
+
+def _key(fingerprint: str) -> bytes:
+    return bytes.fromhex(fingerprint)[:KEY_BYTES]
+
+
+@dataclass(frozen=True)
+class PreviousVectors:
+    """Where an earlier run keeps the vector of each fingerprint it embedded."""
+
+    files: list[str]  # its embeddings part files
+    keys: np.ndarray  # sorted fingerprint keys, dtype S16
+    file: np.ndarray  # int32 index into files, per key
+    row: np.ndarray  # int32 row in that file, per key
+
+    @staticmethod
+    def of_run(run: str) -> PreviousVectors:
+        """The vectors of a finished run's output folder (only its fingerprint column is read)."""
+        folder = io.join(run, schema.EMBEDDINGS_DIR)
+        files = io.list_files(folder, (".parquet",))
+        keys, file, row = [], [], []
+        for index, path in enumerate(files):
+            if schema.FINGERPRINT not in io.parquet_schema(path).names:
+                continue  # written before fingerprints existed: nothing to reuse from it
+            column = io.read_parquet(path, [schema.FINGERPRINT]).column(schema.FINGERPRINT)
+            rows = np.flatnonzero(pc.is_valid(column).to_numpy(zero_copy_only=False))  # set where embedded
+            values = column.to_pylist()
+            keys += [_key(values[r]) for r in rows]
+            file += [index] * len(rows)
+            row += rows.tolist()
+        order = np.argsort(np.array(keys, dtype=f"S{KEY_BYTES}"), kind="stable")
+        return PreviousVectors(files, np.array(keys, dtype=f"S{KEY_BYTES}")[order],
+                               np.array(file, np.int32)[order], np.array(row, np.int32)[order])
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def find(self, fingerprint: str) -> tuple[str, int] | None:
+        """(part file, row) of the fingerprint's vector, or None."""
+        key = _key(fingerprint)
+        at = int(np.searchsorted(self.keys, key))
+        if at < len(self.keys) and self.keys[at] == key:
+            return self.files[int(self.file[at])], int(self.row[at])
+        return None
+
+
+def fetch_vectors(wanted: dict[int, tuple[str, int]]) -> dict[int, tuple[np.ndarray, int, int]]:
+    """{position: (vector, image tokens, text tokens)} for {position: (part file, row)} of an
+    earlier run; each file is read once, only the columns needed."""
+    found = {}
+    by_file: dict[str, list[tuple[int, int]]] = {}
+    for position, (path, row) in wanted.items():
+        by_file.setdefault(path, []).append((position, row))
+    for path, entries in by_file.items():
+        table = io.read_parquet(path, [schema.EMBEDDING, schema.IMAGE_TOKENS, schema.TEXT_TOKENS])
+        vectors = table.column(schema.EMBEDDING)
+        image, text = (table.column(c).to_numpy() for c in (schema.IMAGE_TOKENS, schema.TEXT_TOKENS))
+        for position, row in entries:
+            vector = np.asarray(vectors[row].values.to_numpy(zero_copy_only=False), dtype=np.float32)
+            found[position] = (vector, int(image[row]), int(text[row]))
+    return found
