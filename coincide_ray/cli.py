@@ -32,12 +32,12 @@ SELECT_EXAMPLES = """examples:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the user must fix something: reported as one line, exit 2."""
     from coincide_ray.embed.model import ModelError
-    from coincide_ray.io import InputFormatError
+    from coincide_ray.io import InputFormatError, StorageError
     from coincide_ray.pipeline import InputError
     from coincide_ray.schema import SchemaError
 
     errors: list[type[BaseException]] = [ConfigError, InputError, InputFormatError, ModelError, SchemaError,
-                                         FileNotFoundError, PermissionError]
+                                         StorageError, FileNotFoundError, PermissionError]
     try:
         from botocore.exceptions import EndpointConnectionError, NoCredentialsError
 
@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
 
             run_select(config, embed=embed)
     except user_errors() as error:
-        print(f"coincide-ray: error: {error}", file=sys.stderr)
+        cause = getattr(error, "cause", None) or error  # raised in a Ray worker: its own message, not the trace
+        print(f"coincide-ray: error: {cause}", file=sys.stderr)
         return 2
     return 0
 

@@ -2,6 +2,9 @@
 
 S3-compatible endpoints and credentials come from the standard AWS settings
 (AWS_ENDPOINT_URL, the credentials chain), which s3fs and botocore read themselves.
+Every object-store call is retried with exponential backoff when it fails in a way that
+can pass (5xx, SlowDown, a connection cut mid-body); a call that keeps failing raises
+StorageError naming the object. A missing object or a refused permission is not retried.
 """
 
 from __future__ import annotations
@@ -9,8 +12,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 import numpy as np
@@ -21,6 +26,35 @@ from fsspec.implementations.local import LocalFileSystem
 
 class InputFormatError(ValueError):
     """An input file that cannot be read as its format at all."""
+
+
+class StorageError(OSError):
+    """An object-store call that kept failing after every retry."""
+
+
+ATTEMPTS = 4  # our tries per call, on top of s3fs's and botocore's own; backoff 0.5 s doubling
+BACKOFF_S = 0.5
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, InputFormatError,
+             StorageError)
+T = TypeVar("T")
+
+
+def retried(uri: str, what: str, call: Callable[[], T]) -> T:
+    """`call()`, retried on transient failures when `uri` is not a local path."""
+    if "://" not in uri or uri.startswith("file://"):
+        return call()
+    for attempt in range(ATTEMPTS):
+        try:
+            return call()
+        except PERMANENT:
+            raise
+        except Exception as error:  # anything else from the network stack may pass on a retry
+            if attempt == ATTEMPTS - 1:
+                last = " ".join(str(error).split())[:200]  # one line, whatever the server sent
+                raise StorageError(f"{what} {uri} failed {ATTEMPTS} times; last error: "
+                                   f"{type(error).__name__}: {last}") from error
+            time.sleep(BACKOFF_S * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def resolve(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -34,23 +68,23 @@ def join(uri: str, *parts: str) -> str:
 
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
-    return fs.exists(path)
+    return retried(uri, "checking", lambda: fs.exists(path))
 
 
 def size(uri: str) -> int:
     fs, path = resolve(uri)
-    return int(fs.size(path))
+    return int(retried(uri, "sizing", lambda: fs.size(path)))
 
 
 def list_files(uri: str, suffixes: tuple[str, ...]) -> list[str]:
     """One file, or every file under a folder/prefix with one of `suffixes`, sorted by name
     (the canonical record order starts with sorted file names)."""
     fs, path = resolve(uri)
-    if not fs.exists(path):
+    if not exists(uri):
         raise FileNotFoundError(f"no such file or folder: {uri}")
-    if fs.isfile(path):
+    if retried(uri, "checking", lambda: fs.isfile(path)):
         return [uri]
-    found = sorted(p for p in fs.find(path) if p.endswith(suffixes))
+    found = sorted(p for p in retried(uri, "listing", lambda: fs.find(path)) if p.endswith(suffixes))
     if not found:
         raise FileNotFoundError(f"no {'/'.join(suffixes)} files under {uri}")
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -59,8 +93,12 @@ def list_files(uri: str, suffixes: tuple[str, ...]) -> list[str]:
 
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
-    with fs.open(path, "rb") as f:
-        return f.read()
+
+    def read() -> bytes:
+        with fs.open(path, "rb") as f:
+            return f.read()
+
+    return retried(uri, "reading", read)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -84,7 +122,7 @@ def write_bytes(uri: str, data: bytes) -> None:
             if os.path.exists(tmp):
                 os.remove(tmp)
     else:
-        fs.pipe_file(path, data)
+        retried(uri, "writing", lambda: fs.pipe_file(path, data))
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -113,12 +151,12 @@ def npy_from_bytes(data: bytes) -> np.ndarray:
 
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     fs, path = resolve(uri)
-    return pq.read_table(path, filesystem=fs, columns=columns)
+    return retried(uri, "reading", lambda: pq.read_table(path, filesystem=fs, columns=columns))
 
 
 def parquet_schema(uri: str) -> pa.Schema:
     fs, path = resolve(uri)
-    return pq.read_schema(path, filesystem=fs)
+    return retried(uri, "reading", lambda: pq.read_schema(path, filesystem=fs))
 
 
 def write_parquet(table: pa.Table, uri: str) -> None:

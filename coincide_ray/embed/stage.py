@@ -241,10 +241,10 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
     blocks = plan_blocks(config.input, config.embed.block_records)
     records = sum(len(b) for b in blocks)
     done = set()
-    folder = io.join(out, schema.EMBEDDINGS_DIR)
-    if io.exists(folder):
-        fs, path = io.resolve(folder)
-        done = {os.path.basename(p) for p in fs.ls(path, detail=False)}
+    try:
+        done = {os.path.basename(p) for p in io.list_files(io.join(out, schema.EMBEDDINGS_DIR), (".parquet",))}
+    except FileNotFoundError:  # no block written yet
+        pass
     pending = [i for i in range(len(blocks)) if part_name(i) not in done]
     progress(f"embed: {records} records in {len(blocks)} blocks; {len(blocks) - len(pending)} blocks already done")
     embedded = reused = 0

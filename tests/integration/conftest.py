@@ -5,14 +5,17 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint():
-    """A real S3 endpoint on loopback (moto's server), found through AWS_ENDPOINT_URL
-    exactly as a user's endpoint would be."""
+def s3_proxy():
+    """A real S3 endpoint on loopback (moto's server) behind a fault-injecting proxy
+    (faulty_s3.py; no faults unless a test asks), found through AWS_ENDPOINT_URL exactly as
+    a user's endpoint would be."""
+    from faulty_s3 import FaultyProxy
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
-    host, port = server.get_host_and_port()
+    proxy = FaultyProxy(*server.get_host_and_port()).start()
+    host, port = "127.0.0.1", proxy.port
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                             "AWS_DEFAULT_REGION")}
     os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="testing",
@@ -20,13 +23,26 @@ def s3_endpoint():
     import boto3
 
     boto3.client("s3").create_bucket(Bucket="coincide-test")
-    yield f"http://{host}:{port}"
+    yield proxy
+    proxy.stop()
     server.stop()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_proxy):
+    return f"http://127.0.0.1:{s3_proxy.port}"
+
+
+@pytest.fixture
+def faults(s3_proxy):
+    """The proxy in front of S3, with faults switched off again after the test."""
+    yield s3_proxy
+    s3_proxy.fault_every, s3_proxy.always_fail = 0, None
 
 
 @pytest.fixture(params=["local", "s3"])

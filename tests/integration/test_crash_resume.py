@@ -1,0 +1,93 @@
+"""kill -9 of the driver in the middle of a run, then the same command again: the run
+completes, finished embedding blocks are not rewritten, and the outputs equal those of an
+uninterrupted run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+from embeddings_corpus import write_corpus as write_embeddings
+from test_embed_stage import job_yaml
+
+from coincide_ray import io, schema
+from coincide_ray.cli import main
+from coincide_ray.corpus import write_corpus
+
+CONTRACT = [schema.CENTROIDS_PATH, schema.ASSIGNMENTS_PATH, schema.SUMMARY_PATH, schema.SELECTION_PATH,
+            schema.REJECTED_PATH]
+
+
+def start_driver(argv: list[str], log) -> subprocess.Popen:
+    """`coincide-ray ...` in its own process group, joined to the test session's Ray."""
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    return subprocess.Popen([sys.executable, "-m", "coincide_ray.cli", *argv], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_when(process: subprocess.Popen, ready, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, "the driver ended before it could be killed"
+        assert time.monotonic() < deadline, "the driver never reached the point to kill it at"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def contract_bytes(output: str) -> dict[str, bytes]:
+    return {path: io.read_bytes(io.join(output, path)) for path in CONTRACT}
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_embedding(tmp_path, tiny_model):
+    base = str(tmp_path)
+    write_corpus(io.join(base, "corpus", "records.json"), io.join(base, "corpus"), 60, seed=7)
+    argv = ["run", "--input", io.join(base, "corpus", "records.json"), "--image-root", io.join(base, "corpus"),
+            "--model", tiny_model, "--layers", "1,3,4", "--clusters", "3", "--iterations", "5",
+            "--config", job_yaml(tmp_path, "job", block_records=4, batch_size=2)]
+    killed = io.join(base, "killed")
+    parts = os.path.join(killed, "embeddings")
+
+    def written() -> list[str]:
+        return sorted(p for p in os.listdir(parts) if p.endswith(".parquet")) if os.path.isdir(parts) else []
+
+    with open(tmp_path / "driver.log", "wb") as log:
+        kill_when(start_driver([*argv, "--output", killed], log), lambda: len(written()) >= 3)
+    survivors = {p: (os.stat(os.path.join(parts, p)).st_mtime_ns, open(os.path.join(parts, p), "rb").read())
+                 for p in written()}
+    assert 3 <= len(survivors) < 18 and not io.exists(io.join(killed, schema.MANIFEST_PATH))
+
+    assert main([*argv, "--output", killed]) == 0
+    for name, (mtime, data) in survivors.items():  # reused unchanged, not rewritten
+        path = os.path.join(parts, name)
+        assert os.stat(path).st_mtime_ns == mtime and open(path, "rb").read() == data
+    manifest = io.read_json(io.join(killed, schema.MANIFEST_PATH))
+    assert manifest["counts"]["embedded"] < manifest["counts"]["records"] - manifest["counts"]["rejected"]
+
+    clean = io.join(base, "clean")
+    assert main([*argv, "--output", clean]) == 0
+    assert contract_bytes(killed) == contract_bytes(clean)
+    assert io.read_bytes(io.join(killed, schema.SELECTED_RECORDS_PATH)) == \
+        io.read_bytes(io.join(clean, schema.SELECTED_RECORDS_PATH))
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_kmeans(tmp_path):
+    emb_uri, *_ = write_embeddings(str(tmp_path), n=3000)
+    argv = ["select", "--embeddings", emb_uri, "--layers", "3,7", "--clusters", "40", "--iterations", "400"]
+    killed = str(tmp_path / "killed")
+    log_path = tmp_path / "driver.log"
+    with open(log_path, "wb") as log:
+        driver = start_driver([*argv, "--output", killed], log)
+        kill_when(driver, lambda: b"accepted" in log_path.read_bytes())  # the shards are loaded: k-means runs
+    time.sleep(0.5)
+    assert not io.exists(io.join(killed, schema.ASSIGNMENTS_PATH))
+
+    assert main([*argv, "--output", killed]) == 0
+    clean = str(tmp_path / "clean")
+    assert main([*argv, "--output", clean]) == 0
+    assert contract_bytes(killed) == contract_bytes(clean)

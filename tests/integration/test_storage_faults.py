@@ -1,0 +1,53 @@
+"""Transient S3 errors are retried and change nothing; a permanent one is one line naming
+the object. The faults come from the proxy in front of the S3 endpoint (faulty_s3.py)."""
+
+from embeddings_corpus import write_corpus
+
+from coincide_ray import io, schema
+from coincide_ray.cli import main
+
+CONTRACT = [schema.CENTROIDS_PATH, schema.ASSIGNMENTS_PATH, schema.SUMMARY_PATH, schema.SELECTION_PATH,
+            schema.REJECTED_PATH]
+
+
+def select(emb_uri, out):
+    return main(["select", "--embeddings", emb_uri, "--output", out, "--layers", "3,7", "--clusters", "6",
+                 "--iterations", "8", "--fraction", "0.25"])
+
+
+def test_a_run_through_faults_equals_a_run_without(s3_endpoint, faults):
+    base = "s3://coincide-test/faults"
+    emb_uri, *_ = write_corpus(base, n=600)
+    assert select(emb_uri, io.join(base, "clean")) == 0
+    faults.fault_every = 3  # a third of all requests fail once
+    before = dict(faults.injected)
+    assert select(emb_uri, io.join(base, "faulty")) == 0
+    faults.fault_every = 0
+    injected = {kind: faults.injected[kind] - before[kind] for kind in before}
+    assert all(count > 0 for count in injected.values()), injected  # 503s, 500s and cut bodies all happened
+    for path in CONTRACT:
+        assert io.read_bytes(io.join(base, "faulty", path)) == io.read_bytes(io.join(base, "clean", path)), path
+
+
+def test_a_permanent_error_names_the_object(s3_endpoint, faults, capsys):
+    base = "s3://coincide-test/permanent"
+    emb_uri, *_ = write_corpus(base, n=60)
+    faults.always_fail = "permanent/emb/part-a"
+    assert select(emb_uri, io.join(base, "out")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("coincide-ray: error:") and f"{emb_uri}/part-a.parquet failed" in err[-1]
+    assert not io.exists(io.join(base, "out", schema.MANIFEST_PATH))
+
+
+def test_credentials_never_reach_outputs_or_logs(s3_endpoint, capsys):
+    import os
+
+    base = "s3://coincide-test/secrets"
+    emb_uri, *_ = write_corpus(base, n=120)
+    assert select(emb_uri, io.join(base, "out")) == 0
+    secrets = [os.environ["AWS_SECRET_ACCESS_KEY"].encode(), os.environ["AWS_ACCESS_KEY_ID"].encode()]
+    logs = capsys.readouterr()
+    written = io.list_files(io.join(base, "out"), ("",))
+    assert len(written) >= 7  # the contract files, the stage markers and the manifest
+    for blob in [logs.out.encode(), logs.err.encode()] + [io.read_bytes(path) for path in written]:
+        assert not any(secret in blob for secret in secrets)
