@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             from coincide_ray.pipeline import EmbedStats
 
             result = run_embed(config, progress=stderr_progress)
-            embed = EmbedStats(result.embedded, round(result.seconds, 3))
+            embed = EmbedStats(result.embedded, round(result.seconds, 3), result.truncated)
         if args.command in ("run", "select"):
             from coincide_ray.pipeline import run_select
 

@@ -41,6 +41,7 @@ class EmbedStats:
 
     embedded: int  # vectors computed by this run; the other accepted ones were reused
     seconds: float
+    truncated: int = 0  # records cut to the model's context by this run
 
 
 def selected_records_json(input_uri: str, selected_ids: set[str]) -> tuple[bytes, int]:
@@ -328,7 +329,8 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
         "input": {"embeddings": config.embeddings, "files": files, "fingerprint": embeddings_fingerprint,
                   "records": config.input, "records_fingerprint": input_fingerprint},
         "counts": {"records": accepted + len(rejected), "rejected": len(rejected), "selected": selected,
-                   "embedded": embedded, "reused": accepted - embedded if embed else 0},
+                   "embedded": embedded, "reused": accepted - embedded if embed else 0,
+                   "truncated": embed.truncated if embed else 0},
         "health": health(clusters.centroids, summary.column("size").to_numpy(), rejected, budget, selected),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "paths": {FILE_NAMES[path]: io.join(out, path) for path in digests},

@@ -112,3 +112,11 @@ def load_model(uri: str, config: EmbedConfig, device: str | None = None) -> Load
         raise ModelError(f"{uri} has no chat template; the conversations cannot be rendered")
     return LoadedModel(model.to(device).eval(), processor, device)
 
+
+
+def context_length(folder: str, trust_remote_code: bool = False) -> int:
+    """The decoder's context in tokens (0 when the config does not say)."""
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code).get_text_config()
+    return int(getattr(text, "max_position_embeddings", 0) or 0)

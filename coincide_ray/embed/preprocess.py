@@ -27,6 +27,35 @@ class Batch:
     inputs: dict[str, np.ndarray]
 
 
+class ContextError(ValueError):
+    """A record the model's context cannot hold even when cut (its image tokens do not fit)."""
+
+
+def fit_context(inputs: dict[str, np.ndarray], max_tokens: int, image_token_id: int | None) -> list[int]:
+    """Cut rows longer than the model's context to their first `max_tokens` tokens, in place
+    (padding moved to the right first, so every row keeps its beginning); returns the rows
+    cut. A row whose image tokens would be cut raises ValueError: the model cannot take it."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    if not max_tokens or ids.shape[1] <= max_tokens:
+        return []
+    lengths = mask.sum(axis=1)
+    leading = np.argmax(mask > 0, axis=1)  # pads before the first real token
+    shape = ids.shape
+    index = (np.arange(shape[1])[None, :] + leading[:, None]) % shape[1]
+    for key, value in list(inputs.items()):
+        if isinstance(value, np.ndarray) and value.shape[:2] == shape:
+            inputs[key] = np.take_along_axis(value, index.reshape(index.shape + (1,) * (value.ndim - 2)), axis=1)
+    if image_token_id is not None:
+        before = (inputs["input_ids"] == image_token_id).sum(axis=1)
+        after = (inputs["input_ids"][:, :max_tokens] == image_token_id).sum(axis=1)
+        if (after < before).any():
+            raise ContextError(f"the image tokens do not fit in the model's context of {max_tokens} tokens")
+    for key, value in list(inputs.items()):
+        if isinstance(value, np.ndarray) and value.shape[:2] == shape:
+            inputs[key] = value[:, :max_tokens]
+    return [int(row) for row in np.flatnonzero(lengths > max_tokens)]
+
+
 @dataclass
 class PreparedBlock:
     block: int
@@ -35,6 +64,7 @@ class PreparedBlock:
     rejected: dict[int, Rejection] = field(default_factory=dict)  # position -> why
     fingerprints: dict[int, str] = field(default_factory=dict)  # position -> fingerprint (coincide_ray.embed.reuse)
     reused: dict[int, tuple[str, int]] = field(default_factory=dict)  # position -> (earlier part file, row)
+    truncated: list[int] = field(default_factory=list)  # positions cut to the model's context
 
 
 def template_prefix_tokens(processor) -> int:
@@ -76,8 +106,9 @@ class Preprocessor:
     """Turns the records of one block into model-ready batches (runs in CPU workers)."""
 
     def __init__(self, processor, *, image_root: str | None, batch_size: int, max_image_pixels: int,
-                 salt: str = "", previous: PreviousVectors | None = None):
+                 salt: str = "", previous: PreviousVectors | None = None, max_tokens: int = 0):
         self.processor = processor
+        self.max_tokens = max_tokens  # the model's context; longer rows are cut (0: no limit)
         self.salt = salt  # run_salt(model, layers): part of every record fingerprint
         self.previous = previous  # an earlier run's vectors, reused by fingerprint
         self.image_root = image_root
@@ -136,13 +167,16 @@ class Preprocessor:
     def _add_batch(self, prepared: PreparedBlock, rows, with_image: bool, items) -> None:
         try:
             inputs = self.encode([p for _, p, _ in rows], [i for _, _, i in rows] if with_image else None)
+            cut = fit_context(inputs, self.max_tokens, getattr(self.processor, "image_token_id", None))
+            prepared.truncated += [rows[row][0] for row in cut]
             prepared.batches.append(Batch([position for position, _, _ in rows], inputs))
             return
         except Exception as error:
             if len(rows) == 1:
                 item = items[rows[0][0]]
                 detail = f"{item.position}: {type(error).__name__}: {str(error)[:300]}"
-                prepared.rejected[rows[0][0]] = Rejection(item.id, STAGE, "processor failed", detail)
+                reason = "longer than the model's context" if isinstance(error, ContextError) else "processor failed"
+                prepared.rejected[rows[0][0]] = Rejection(item.id, STAGE, reason, detail)
                 return
         for row in rows:  # find the record that broke the batch; keep the others
             self._add_batch(prepared, [row], with_image, items)

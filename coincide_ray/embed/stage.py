@@ -62,7 +62,8 @@ class PrepareWorker:
         if isinstance(previous, ray.ObjectRef):
             previous = ray.get(previous)
         self.preprocessor = Preprocessor(processor, image_root=image_root, batch_size=embed.batch_size,
-                                         max_image_pixels=embed.max_image_pixels, salt=salt, previous=previous)
+                                         max_image_pixels=embed.max_image_pixels, salt=salt, previous=previous,
+                                         max_tokens=model_io.context_length(folder, embed.trust_remote_code))
 
     def __call__(self, row: dict) -> dict:
         return {"block": row["block"], "prepared": self.preprocessor.prepare(row["block"], row["items"])}
@@ -86,7 +87,8 @@ class ModelWorker:
         prepared: PreparedBlock = row["prepared"]
         n = len(prepared.ids)
         result = EmbeddedBlock(prepared.block, prepared.ids, [None] * n, np.zeros(n, np.int32),
-                               np.zeros(n, np.int32), prepared.rejected, prepared.fingerprints, prepared.reused)
+                               np.zeros(n, np.int32), prepared.rejected, prepared.fingerprints, prepared.reused,
+                               prepared.truncated)
         token = getattr(self.loaded.model.config, "image_token_id", None)
         for batch in prepared.batches:
             try:
@@ -124,6 +126,7 @@ class EmbeddedBlock:
     rejected: dict[int, Rejection]  # position -> why
     fingerprints: dict[int, str]  # position -> record fingerprint
     reused: dict[int, tuple[str, int]]  # position -> (earlier run's part file, row): filled by write_block
+    truncated: list[int]  # positions cut to the model's context
 
     def table(self) -> pa.Table:
         """Every record of the block, in block order; rejected ones with a null embedding."""
@@ -151,7 +154,7 @@ def write_block(row: dict, output: str) -> dict:
     io.write_parquet(result.table(), io.join(output, schema.EMBEDDINGS_DIR, part_name(result.block)))
     reasons = Counter(r.reason for r in result.rejected.values())
     return {"block": result.block, "records": len(result.ids), "rejected": sum(reasons.values()),
-            "reused": len(result.reused), "reasons": json.dumps(dict(sorted(reasons.items())))}
+            "reused": len(result.reused), "truncated": len(result.truncated), "reasons": json.dumps(dict(sorted(reasons.items())))}
 
 
 @dataclass
@@ -161,6 +164,7 @@ class EmbedResult:
     records: int
     embedded: int  # records embedded by the model in this run
     reused: int  # records whose vector was copied from config.previous
+    truncated: int  # records cut to the model's context
     seconds: float
 
 
@@ -247,7 +251,7 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
         pass
     pending = [i for i in range(len(blocks)) if part_name(i) not in done]
     progress(f"embed: {records} records in {len(blocks)} blocks; {len(blocks) - len(pending)} blocks already done")
-    embedded = reused = 0
+    embedded = reused = truncated = 0
     if pending:
         previous = None
         if config.previous:
@@ -266,10 +270,11 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
             finished += 1
             embedded += summary["records"] - summary["rejected"] - summary["reused"]
             reused += summary["reused"]
+            truncated += summary["truncated"]
             progress(f"embed: block {summary['block']} written ({finished}/{len(pending)}); reused "
                      f"{summary['reused']}, rejected {summary['rejected']} "
                      f"{summary['reasons'] if summary['rejected'] else ''}".rstrip())
     listing = sorted(part_name(i) for i in range(len(blocks)))
     io.write_json({"parts": listing, "records": records}, io.join(out, schema.EMBEDDINGS_DONE_PATH))
-    return EmbedResult(len(blocks), len(blocks) - len(pending), records, embedded, reused,
+    return EmbedResult(len(blocks), len(blocks) - len(pending), records, embedded, reused, truncated,
                        time.perf_counter() - start)

@@ -79,3 +79,26 @@ def test_a_bad_record_never_takes_its_block_down(processor, tmp_path):
         assert (batch.inputs["language_start"] == template_prefix_tokens(processor)).all()
     no_root = Preprocessor(processor, image_root=None, batch_size=4, max_image_pixels=10**6).prepare(0, items[:1])
     assert no_root.rejected[0].reason == "record names an image but no --image-root was given"
+
+
+def test_rows_longer_than_the_context_are_cut_and_counted(processor, tmp_path):
+    (tmp_path / "ok.png").write_bytes(png((40, 40)))
+    short = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A thing."}]
+    long = [{"from": "human", "value": "<image>\n" + "and more words " * 200}, {"from": "gpt", "value": "Yes."}]
+    items = [Record("short", "ok.png", short, "p#0"), Record("long", "ok.png", long, "p#1")]
+    alone = Preprocessor(processor, image_root=str(tmp_path), batch_size=4, max_image_pixels=10**6)
+    reference = alone.prepare(0, items[:1]).batches[0].inputs
+    limit = int(reference["attention_mask"].sum()) + 40  # the short row fits, the long one does not
+    pre = Preprocessor(processor, image_root=str(tmp_path), batch_size=4, max_image_pixels=10**6, max_tokens=limit)
+    block = pre.prepare(0, items)
+    assert block.truncated == [1] and not block.rejected
+    inputs = block.batches[0].inputs
+    assert inputs["input_ids"].shape[1] == limit and inputs["attention_mask"][1].sum() == limit
+    image = processor.image_token_id
+    assert (inputs["input_ids"][1] == image).sum() == (reference["input_ids"][0] == image).sum()
+    kept = inputs["attention_mask"][0].astype(bool)  # the short row: the same tokens as alone
+    assert list(inputs["input_ids"][0][kept]) == list(reference["input_ids"][0][reference["attention_mask"][0] > 0])
+
+    tiny = Preprocessor(processor, image_root=str(tmp_path), batch_size=4, max_image_pixels=10**6, max_tokens=8)
+    block = tiny.prepare(0, items[:1])  # not even the image fits
+    assert block.rejected[0].reason == "longer than the model's context" and not block.batches
