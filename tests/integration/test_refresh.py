@@ -30,8 +30,8 @@ def nightly(base, tmp_path, model, corpus, date):
 
 
 @pytest.mark.slow
-def test_refresh_reuses_unchanged_records(tmp_path, tiny_model):
-    base = str(tmp_path)
+def test_refresh_reuses_unchanged_records(storage, tmp_path, tiny_model):
+    base = storage
     records = write_corpus(io.join(base, "night1", "records.json"), io.join(base, "night1"), 30, seed=5,
                            broken=False)
     assert nightly(base, tmp_path, tiny_model, "night1", "2026-11-22") == 0

@@ -112,3 +112,22 @@ def test_changed_settings_redo_what_they_affect(tmp_path):
     assert "k-means already finished" in messages[0] and started_workers(messages)
     _, messages = run(dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, seed=99)))
     assert any(m.startswith("k-means: K=6") for m in messages)
+
+
+def test_warm_start_begins_from_the_previous_centroids(tmp_path):
+    emb_uri, vectors, _, accepted, _ = write_corpus(str(tmp_path), n=300)
+    first = base_config(str(tmp_path), emb_uri, fraction=0.25)
+    run(first)
+    previous_centroids = io.read_npy(io.join(first.output, schema.CENTROIDS_PATH))
+    warm = dataclasses.replace(first, output=str(tmp_path / "warm"), previous=first.output,
+                               cluster=dataclasses.replace(first.cluster, warm_start=True, iterations=0))
+    manifest, messages = run(warm)
+    assert not any("warm start skipped" in m for m in messages)
+    # zero iterations: the centroids are the previous ones, normalised, and every row is assigned to them
+    assert np.allclose(io.read_npy(io.join(warm.output, schema.CENTROIDS_PATH)), previous_centroids, atol=1e-6)
+    km = spherical_kmeans(vectors[accepted], 6, iterations=0, init=previous_centroids)
+    table = io.read_parquet(io.join(warm.output, schema.ASSIGNMENTS_PATH))
+    assert list(table.column(schema.CLUSTER).to_numpy()) == list(km.assignments)
+    _, messages = run(dataclasses.replace(warm, output=str(tmp_path / "other-k"),
+                                          cluster=dataclasses.replace(warm.cluster, clusters=5)))
+    assert any("warm start skipped" in m for m in messages)
