@@ -27,9 +27,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 bench: $(STAMP)
-	$(PY) jobs/bench_select.py
-	$(PY) jobs/bench_embed.py
-	$(PY) jobs/bench_kmeans.py
+	$(PY) jobs/bench.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -5,20 +5,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_selection_benchmark_quick_mode_runs():
-    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "bench_select.py"), "--quick"],
-                         check=True, capture_output=True, text=True, timeout=300).stdout
-    figures = [line for line in out.splitlines() if line.startswith("mmd_")]
-    assert len(figures) == 3 and all("ratio" in line and "(quick)" in line for line in figures)
-
-
-def test_kmeans_benchmark_quick_mode_runs():
-    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "bench_kmeans.py"), "--quick"],
-                         check=True, capture_output=True, text=True, timeout=300).stdout
-    figures = [line for line in out.splitlines() if line.startswith("kmeans_")]
-    assert len(figures) == 3 and all("(quick)" in line for line in figures)
-    objective = float(figures[0].split("ratio")[1].split()[0])
-    assert objective >= 0.9  # the same algorithm as faiss's: a wiring mistake shows here
+def test_every_benchmark_runs_in_quick_mode():
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "bench.py"), "--quick"],
+                         check=True, capture_output=True, text=True, timeout=900).stdout
+    figures = [line for line in out.splitlines() if " baseline " in line and " ratio " in line]
+    for prefix in ("mmd_", "kmeans_ray_", "embed_pipeline_", "stage_", "demo_"):
+        assert any(line.startswith(prefix) for line in figures), prefix
+    assert all("(quick)" in line for line in figures)
+    objective = next(line for line in figures if line.startswith("kmeans_ray_objective"))
+    assert float(objective.split("ratio")[1].split()[0]) >= 0.9  # the same algorithm as faiss's
 
 
 def test_ray_job_entrypoint_starts():
