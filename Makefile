@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # CPU machines take torch's CPU build first, so pip never pulls a CUDA build.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup browser demo test bench clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) jobs/demo.py
 
-test: $(STAMP)
+# The report test renders report.html in headless Chromium (Debian's package).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest tests
 
 bench: $(STAMP)

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from coincide_ray import io, schema
 from coincide_ray.config import JobConfig
 from coincide_ray.manifest import command_line, fingerprint, health, library_versions
+from coincide_ray.report import render as render_report
 from coincide_ray.stages import finished, publish, sha256, stage_key
 
 Progress = Callable[[str], None]
@@ -339,7 +340,11 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
     }
     if config.previous:
         manifest["diff"] = write_diff(config.previous, clusters.ids, outputs, out, progress)
+    report_uri = io.join(out, schema.REPORT_PATH)
+    io.write_bytes(report_uri, render_report(manifest, summary, io.parquet_from_bytes(outputs[schema.SELECTION_PATH]),
+                                             config.embeddings, config.input, config.image_root).encode())
+    manifest["paths"]["report"] = report_uri
     manifest_uri = io.join(out, schema.MANIFEST_PATH)
     io.write_json(manifest, manifest_uri)  # last: marks the run complete
-    progress(f"outputs under {out} (manifest: {manifest_uri})")
+    progress(f"outputs under {out} (report: {report_uri}; manifest: {manifest_uri})")
     return manifest

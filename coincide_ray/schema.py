@@ -62,6 +62,7 @@ REJECTED_PATH = "selection/rejected.parquet"
 SELECTED_RECORDS_PATH = "selection/selected.json"
 DIFF_PATH = "selection/diff.json"
 MANIFEST_PATH = "manifest.json"
+REPORT_PATH = "report.html"
 
 
 class SchemaError(ValueError):

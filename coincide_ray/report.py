@@ -1,0 +1,193 @@
+"""report.html: one run at a glance, self-contained (inline SVG plots, thumbnails as data
+URIs, no script from anywhere else), readable from a bucket or a laptop without a server.
+
+Built from what the run published (summary, selection, manifest figures) plus a sample of
+embeddings for the 2-D projection and, when the records are known, a few clusters' images
+and questions. A small inline script checks on load that every plot and thumbnail rendered
+(the test in headless Chromium reads its verdict).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io as _io
+
+import numpy as np
+import pyarrow as pa
+
+from coincide_ray import io, schema
+
+WIDTH, HEIGHT, PAD = 520, 300, 40
+SAMPLE_ROWS = 2000  # embeddings read for the projection
+
+
+def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+    span = hi - lo if hi > lo else 1.0
+    return low + (values - lo) / span * (high - low)
+
+
+def _svg(body: str, title: str, x_label: str, y_label: str) -> str:
+    return (f'<figure><svg class="plot" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" '
+            f'role="img" aria-label="{html.escape(title)}">'
+            f'<line x1="{PAD}" y1="{HEIGHT - PAD}" x2="{WIDTH - 10}" y2="{HEIGHT - PAD}" stroke="#444"/>'
+            f'<line x1="{PAD}" y1="10" x2="{PAD}" y2="{HEIGHT - PAD}" stroke="#444"/>{body}'
+            f'<text x="{WIDTH / 2}" y="{HEIGHT - 8}" text-anchor="middle">{html.escape(x_label)}</text>'
+            f'<text x="12" y="{HEIGHT / 2}" transform="rotate(-90 12 {HEIGHT / 2})" text-anchor="middle">'
+            f'{html.escape(y_label)}</text></svg><figcaption>{html.escape(title)}</figcaption></figure>')
+
+
+def bars(values: np.ndarray, title: str, x_label: str, y_label: str, highlight: np.ndarray | None = None) -> str:
+    values = np.asarray(values, dtype=np.float64)
+    if not len(values):
+        return _svg("", title + " (no data)", x_label, y_label)
+    width = (WIDTH - PAD - 10) / len(values)
+    top = max(float(values.max()), 1e-12)
+    body = []
+    for i, value in enumerate(values):
+        h = value / top * (HEIGHT - PAD - 20)
+        colour = "#d62728" if highlight is not None and highlight[i] else "#1f77b4"
+        body.append(f'<rect x="{PAD + i * width:.2f}" y="{HEIGHT - PAD - h:.2f}" width="{max(width * 0.9, 0.5):.2f}" '
+                    f'height="{h:.2f}" fill="{colour}"/>')
+    body.append(f'<text x="{PAD - 4}" y="20" text-anchor="end" font-size="10">{top:g}</text>')
+    return _svg("".join(body), title, x_label, y_label)
+
+
+def scatter(x: np.ndarray, y: np.ndarray, title: str, x_label: str, y_label: str, *, radius=None,
+            colour=None) -> str:
+    keep = np.isfinite(x) & np.isfinite(y)
+    if not keep.any():
+        return _svg("", title + " (no data)", x_label, y_label)
+    x, y = np.asarray(x)[keep], np.asarray(y)[keep]
+    px, py = _scale(x, PAD + 6, WIDTH - 16), _scale(y, HEIGHT - PAD - 6, 16)
+    r = np.full(len(x), 2.5) if radius is None else 1.5 + 6 * np.sqrt(np.asarray(radius)[keep] /
+                                                                      max(np.asarray(radius)[keep].max(), 1))
+    c = ["#1f77b4"] * len(x) if colour is None else list(np.asarray(colour)[keep])
+    body = "".join(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="{s:.1f}" fill="{k}" fill-opacity="0.6"/>'
+                   for a, b, s, k in zip(px, py, r, c))
+    return _svg(body, title, x_label, y_label)
+
+
+def projection(embeddings: str, selection: pa.Table) -> str:
+    """Selected vs not, on the first two principal axes of a sample of the embeddings."""
+    selected = dict(zip(selection.column(schema.SAMPLE_ID).to_pylist(),
+                        selection.column(schema.SELECTED).to_pylist()))
+    ids, rows = [], []
+    for path in io.list_files(embeddings, (".parquet",)):
+        table = io.read_parquet(path, [schema.SAMPLE_ID, schema.EMBEDDING])
+        for sample_id, vector in zip(table.column(schema.SAMPLE_ID).to_pylist(),
+                                     table.column(schema.EMBEDDING).to_pylist()):
+            if vector is not None and sample_id in selected and len(ids) < SAMPLE_ROWS:
+                ids.append(sample_id)
+                rows.append(vector)
+        if len(ids) >= SAMPLE_ROWS:
+            break
+    title = f"selected (red) and not selected (grey): {len(ids)} records on their first two principal axes"
+    if len(ids) < 3 or len({len(r) for r in rows}) != 1:
+        return scatter(np.zeros(0), np.zeros(0), title, "PC 1", "PC 2")
+    x = np.asarray(rows, dtype=np.float64)
+    x -= x.mean(axis=0)
+    _, _, axes = np.linalg.svd(x, full_matrices=False)
+    xy = x @ axes[:2].T
+    colours = np.array(["#d62728" if selected[i] else "#aaaaaa" for i in ids])
+    return scatter(xy[:, 0], xy[:, 1], title, "PC 1", "PC 2", colour=colours)
+
+
+def thumbnail(data: bytes) -> str | None:
+    from PIL import Image
+
+    try:
+        image = Image.open(_io.BytesIO(data))
+        image.thumbnail((96, 96))
+        buffer = _io.BytesIO()
+        image.convert("RGB").save(buffer, format="PNG")
+    except Exception:  # an unreadable image was rejected by the run already; no thumbnail
+        return None
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def cluster_gallery(records_uri: str, image_root: str | None, selection: pa.Table, summary: pa.Table,
+                    clusters: int = 3, members: int = 6) -> str:
+    """The clusters with the largest quotas: a few members each, image and first question."""
+    from coincide_ray.records import read_raw_records
+
+    quota = summary.column("quota").to_numpy()
+    cluster = selection.column(schema.CLUSTER).to_numpy()
+    ids = selection.column(schema.SAMPLE_ID).to_pylist()
+    chosen = selection.column(schema.SELECTED).to_pylist()
+    shown = {int(c): np.flatnonzero(cluster == c)[:members] for c in np.argsort(-quota, kind="stable")[:clusters]}
+    wanted = {ids[row] for rows in shown.values() for row in rows}
+    records = {}
+    for _, raw in read_raw_records(records_uri):
+        if isinstance(raw, dict) and raw.get("id") in wanted and raw["id"] not in records:
+            records[raw["id"]] = raw
+    parts = []
+    for c, rows in shown.items():
+        cells = []
+        for row in rows:
+            record = records.get(ids[row], {})
+            turns = record.get("conversations") or [{}]
+            question = str(turns[0].get("value", "")).replace("<image>", "").strip()[:120]
+            image = ""
+            if record.get("image") and image_root:
+                try:
+                    src = thumbnail(io.read_bytes(io.join(image_root, record["image"])))
+                except OSError:
+                    src = None
+                image = f'<img class="thumb" src="{src}" alt="{html.escape(ids[row])}">' if src else ""
+            mark = "selected" if chosen[row] else "not selected"
+            cells.append(f'<div class="cell">{image}<p>{html.escape(question)}</p>'
+                         f'<small>{html.escape(ids[row])}: {mark}</small></div>')
+        parts.append(f'<h3>cluster {c}: {int((cluster == c).sum())} records, quota {int(quota[c])}</h3>'
+                     f'<div class="gallery">{"".join(cells)}</div>')
+    return "".join(parts)
+
+
+CHECK = """<script>
+window.addEventListener("load", () => {
+  const plots = document.querySelectorAll("svg.plot");
+  const empty = [...plots].filter(p => p.querySelectorAll("rect, circle").length === 0).length;
+  const broken = [...document.querySelectorAll("img.thumb")].filter(i => !(i.complete && i.naturalWidth > 0)).length;
+  document.body.dataset.check = `plots=${plots.length} empty=${empty} broken_images=${broken}`;
+});
+</script>"""
+
+STYLE = """<style>
+body { font-family: sans-serif; margin: 2em; color: #222; max-width: 1150px; }
+table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
+figure { display: inline-block; margin: 1em 1em 1em 0; } figcaption { font-size: 13px; max-width: 520px; }
+.gallery { display: flex; flex-wrap: wrap; gap: 10px; } .cell { width: 150px; font-size: 12px; }
+</style>"""
+
+
+def table(rows: dict) -> str:
+    return "<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+                               for k, v in rows.items()) + "</table>"
+
+
+def render(manifest: dict, summary: pa.Table, selection: pa.Table, embeddings: str,
+           records_uri: str | None = None, image_root: str | None = None) -> str:
+    size = summary.column("size").to_numpy()
+    quota = summary.column("quota").to_numpy()
+    transfer = summary.column("transferability").to_numpy()
+    density = summary.column("density").to_numpy()
+    score = summary.column("score").to_numpy()
+    visit = np.argsort(-np.nan_to_num(score, nan=-np.inf), kind="stable")
+    nonempty = size > 0
+    plots = [
+        bars(np.sort(size)[::-1], "cluster sizes, largest first", "clusters", "records"),
+        scatter(density[nonempty], transfer[nonempty], "transferability vs density; area ~ quota",
+                "density", "transferability", radius=quota[nonempty]),
+        bars(quota[visit], "budget per cluster in visiting order (highest score first); red: capped at its size",
+             "clusters", "quota", highlight=(quota[visit] == size[visit]) & (size[visit] > 0)),
+        projection(embeddings, selection),
+    ]
+    gallery = cluster_gallery(records_uri, image_root, selection, summary) if records_uri else \
+        "<p>The records were not given to this run (select only): no thumbnails.</p>"
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>coincide-ray run</title>"
+            f"{STYLE}</head><body><h1>coincide-ray run</h1><p>{html.escape(manifest['config']['output'])}</p>"
+            f"<h2>Counts</h2>{table(manifest['counts'])}<h2>Seconds per stage</h2>{table(manifest['timings_s'])}"
+            f"<h2>Health</h2>{table(manifest['health'])}<h2>Clusters and budget</h2>{''.join(plots)}"
+            f"<h2>A few clusters</h2>{gallery}{CHECK}</body></html>")
