@@ -56,10 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--output", metavar="URI", help="local folder or s3:// prefix for the outputs")
     common.add_argument("--layers", metavar="L,L,...", help="decoder layers to pool (default 3,7,11,15,19)")
     common.add_argument("--config", metavar="YAML", help="job config file; flags override its keys")
+    common.add_argument("--dry-run", action="store_true",
+                        help="print the plan (stages, records, work, memory) and write nothing")
+    common.add_argument("--calibrate", type=int, metavar="N", default=0,
+                        help="with --dry-run: embed N records here to measure samples/s and project the total")
     sources = argparse.ArgumentParser(add_help=False)
     sources.add_argument("--input", metavar="URI", help="records: LLaVA JSON list, JSON Lines or Parquet (file or folder)")
     sources.add_argument("--image-root", metavar="URI", help="folder or s3:// prefix the records' image paths are under")
     sources.add_argument("--model", metavar="URI", help="image-text-to-text checkpoint folder (local or s3://)")
+    sources.add_argument("--label-field", metavar="FIELD[,FIELD]",
+                         help="record fields with known labels: the report shows cluster purity and label coverage")
     sources.add_argument("--previous", metavar="URI",
                          help="a finished earlier run: unchanged records reuse its vectors; the selection is diffed")
     budget = argparse.ArgumentParser(add_help=False)
@@ -109,6 +115,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         "model": given.get("model"),
         "embeddings": given.get("embeddings"),
         "previous": given.get("previous"),
+        "label_fields": given.get("label_field"),
         "layers": args.layers,
         "cluster": {"clusters": given.get("clusters"), "iterations": given.get("iterations"), "seed": given.get("seed"),
                     "sample_fraction": given.get("kmeans_sample"), "warm_start": given.get("warm_start")},
@@ -137,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
+        if args.dry_run:
+            from coincide_ray.plan import plan
+
+            for line in plan(config, args.command, calibrate=args.calibrate):
+                print(line)
+            return 0
         embed = None
         start_ray()
         if args.command in ("run", "embed"):

@@ -90,6 +90,9 @@ class JobConfig:
     # A finished earlier run (its output folder): records whose fingerprint it embedded are
     # reused instead of recomputed, and the selection is compared with its selection.
     previous: str | None = None
+    # Record fields holding known labels (e.g. the demo's concept, skill): the report then
+    # shows cluster purity and how the selection covers the label groups.
+    label_fields: tuple[str, ...] = ()
     # Decoder layers whose o_proj outputs are pooled. None: the paper's choice (3, 7, 11, 15, 19
     # of 24 layers) at the same relative depths of the checkpoint's decoder; `select` then
     # takes the layers recorded with the embeddings.
@@ -131,6 +134,12 @@ class JobConfig:
             values[name] = _build(part, section, prefix=f"{name}.")
         if "layers" in values:
             values["layers"] = parse_layers(values["layers"])
+        if "label_fields" in values:
+            fields = values["label_fields"]
+            fields = fields.split(",") if isinstance(fields, str) else fields
+            _fail_unless(isinstance(fields, (list, tuple)) and all(isinstance(f, str) and f for f in fields),
+                         f"label_fields must be field names, got {values['label_fields']!r}")
+            values["label_fields"] = tuple(fields)
         return _build(cls, values, prefix="").validate()
 
 

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from coincide_ray import io, schema
 from coincide_ray.config import JobConfig
 from coincide_ray.manifest import command_line, fingerprint, health, library_versions
+from coincide_ray.report import label_figures
 from coincide_ray.report import render as render_report
 from coincide_ray.stages import finished, publish, sha256, stage_key
 
@@ -164,7 +165,7 @@ def cluster_stage(config: JobConfig, key: str, shards: LazyShards, progress: Pro
         progress(f"warm start skipped: the previous centroids have dimension {init.shape[1]}, not {data.dim}")
         init = None
     kmeans = shards.get().kmeans(c.clusters, iterations=c.iterations, seed=c.seed, init=init,
-                                 sample_fraction=c.sample_fraction)
+                                 sample_fraction=c.sample_fraction, progress=progress)
     progress(f"k-means: K={c.clusters}, {c.iterations} iterations, objective {kmeans.objective:.2f} "
              f"({time.perf_counter() - start:.1f}s)")
     assignments = pa.table({schema.SAMPLE_ID: data.ids, schema.CLUSTER: kmeans.assignments,
@@ -340,9 +341,17 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
     }
     if config.previous:
         manifest["diff"] = write_diff(config.previous, clusters.ids, outputs, out, progress)
+    selection = io.parquet_from_bytes(outputs[schema.SELECTION_PATH])
+    labels = None
+    if config.label_fields and config.input:
+        labels = label_figures(config.input, list(config.label_fields), selection)
+        manifest["labels"] = {k: v for k, v in labels.items() if k != "per_group"}
+        progress(f"labels {'/'.join(config.label_fields)}: cluster purity {labels['purity']:.3f}; the selection "
+                 f"covers {labels['groups_covered_by_selection']} of {labels['groups']} groups, a random subset "
+                 f"of the same size {labels['groups_covered_by_random']}")
     report_uri = io.join(out, schema.REPORT_PATH)
-    io.write_bytes(report_uri, render_report(manifest, summary, io.parquet_from_bytes(outputs[schema.SELECTION_PATH]),
-                                             config.embeddings, config.input, config.image_root).encode())
+    io.write_bytes(report_uri, render_report(manifest, summary, selection, config.embeddings, config.input,
+                                             config.image_root, labels).encode())
     manifest["paths"]["report"] = report_uri
     manifest_uri = io.join(out, schema.MANIFEST_PATH)
     io.write_json(manifest, manifest_uri)  # last: marks the run complete

@@ -145,6 +145,53 @@ def cluster_gallery(records_uri: str, image_root: str | None, selection: pa.Tabl
     return "".join(parts)
 
 
+def label_figures(records_uri: str, fields: list[str], selection: pa.Table, seed: int = 0) -> dict:
+    """How the clusters and the selection relate to labels the records carry (e.g. the demo's
+    planted concept and skill): cluster purity, and how many records of each label group the
+    selection holds against a seeded random subset of the same size."""
+    from coincide_ray.records import read_raw_records
+
+    labels: dict[str, str] = {}
+    for _, raw in read_raw_records(records_uri):
+        if isinstance(raw, dict) and isinstance(raw.get("id"), str) and raw["id"] not in labels:
+            labels[raw["id"]] = "/".join(str(raw.get(field, "-")) for field in fields)
+    ids = selection.column(schema.SAMPLE_ID).to_pylist()
+    label = np.array([labels.get(i, "-") for i in ids])
+    cluster = selection.column(schema.CLUSTER).to_numpy()
+    selected = np.asarray(selection.column(schema.SELECTED).to_pylist(), dtype=bool)
+    groups, code = np.unique(label, return_inverse=True)
+    table = np.zeros((int(cluster.max()) + 1 if len(cluster) else 0, len(groups)), dtype=np.int64)
+    np.add.at(table, (cluster, code), 1)
+    random = np.zeros(len(ids), dtype=bool)
+    random[np.random.default_rng(seed).choice(len(ids), size=int(selected.sum()), replace=False)] = True
+    per_group = {str(g): {"records": int((code == i).sum()), "selected": int((selected & (code == i)).sum()),
+                          "random": int((random & (code == i)).sum())} for i, g in enumerate(groups)}
+    return {
+        "fields": fields,
+        "purity": float(table.max(axis=1).sum() / max(len(ids), 1)),
+        "groups": len(groups),
+        "groups_covered_by_selection": int(sum(v["selected"] > 0 for v in per_group.values())),
+        "groups_covered_by_random": int(sum(v["random"] > 0 for v in per_group.values())),
+        "per_group": per_group,
+    }
+
+
+def label_section(figures: dict) -> str:
+    groups = figures["per_group"]
+    names = sorted(groups)
+    share = np.array([groups[g]["selected"] / max(groups[g]["records"], 1) for g in names])
+    plot = bars(share, "share of each label group selected (red: a group the selection misses)",
+                f"label groups ({'/'.join(figures['fields'])})", "share selected", highlight=share == 0)
+    rows = "".join(f"<tr><td>{html.escape(g)}</td><td>{groups[g]['records']}</td><td>{groups[g]['selected']}</td>"
+                   f"<td>{groups[g]['random']}</td></tr>" for g in names)
+    summary = {"label fields": "/".join(figures["fields"]), "cluster purity": f"{figures['purity']:.3f}",
+               "label groups": figures["groups"],
+               "groups the selection covers": figures["groups_covered_by_selection"],
+               "groups a random subset of the same size covers": figures["groups_covered_by_random"]}
+    return (f"<h2>Labels</h2>{table(summary)}{plot}<table><tr><th>group</th><th>records</th><th>selected</th>"
+            f"<th>random subset</th></tr>{rows}</table>")
+
+
 CHECK = """<script>
 window.addEventListener("load", () => {
   const plots = document.querySelectorAll("svg.plot");
@@ -168,7 +215,7 @@ def table(rows: dict) -> str:
 
 
 def render(manifest: dict, summary: pa.Table, selection: pa.Table, embeddings: str,
-           records_uri: str | None = None, image_root: str | None = None) -> str:
+           records_uri: str | None = None, image_root: str | None = None, labels: dict | None = None) -> str:
     size = summary.column("size").to_numpy()
     quota = summary.column("quota").to_numpy()
     transfer = summary.column("transferability").to_numpy()
@@ -190,4 +237,4 @@ def render(manifest: dict, summary: pa.Table, selection: pa.Table, embeddings: s
             f"{STYLE}</head><body><h1>coincide-ray run</h1><p>{html.escape(manifest['config']['output'])}</p>"
             f"<h2>Counts</h2>{table(manifest['counts'])}<h2>Seconds per stage</h2>{table(manifest['timings_s'])}"
             f"<h2>Health</h2>{table(manifest['health'])}<h2>Clusters and budget</h2>{''.join(plots)}"
-            f"<h2>A few clusters</h2>{gallery}{CHECK}</body></html>")
+            f"{label_section(labels) if labels else ''}<h2>A few clusters</h2>{gallery}{CHECK}</body></html>")

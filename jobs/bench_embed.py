@@ -20,6 +20,7 @@ import tempfile
 import time
 
 import torch
+from benchkit import report
 
 
 def main() -> int:
@@ -82,14 +83,11 @@ def main() -> int:
     blocks = len(written)
     steady = (blocks - 1) * embed.block_records / (written[-1] - written[0]) if blocks > 1 else float("nan")
     end_to_end = records / total
-    judge = not args.quick
     for name, value, target in [("embed_pipeline_steady_vs_bare", steady, 0.8),
                                 ("embed_pipeline_end_to_end_vs_bare", end_to_end, None)]:
         ratio = value / bare
-        verdict = "(quick)" if not judge else ("PASS" if target is None or ratio >= target else "MISS")
-        shown = f">= {target}" if target else "(shown)"
-        print(f"{name:36s} {value:10.2f} samples/s  baseline {bare:10.2f}  ratio {ratio:6.2f}  "
-              f"target {shown:8s} {verdict}", flush=True)
+        report(name, value, "samples/s", bare, ratio, f">= {target}" if target else None,
+               target is None or ratio >= target, args.quick)
     return 0
 
 

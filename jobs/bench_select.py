@@ -14,20 +14,12 @@ import os
 import platform
 import subprocess
 import sys
-import time
 
+import benchkit
 import numpy as np
+from benchkit import best_of
 
 from coincide_ray.select import greedy_mmd_order
-
-
-def best_of(runs: int, fn) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def gaussian_kernel(x: np.ndarray, sigma: float = 1.0) -> np.ndarray:
@@ -57,9 +49,7 @@ JUDGE_TARGETS = True  # off in --quick mode: its sizes are too small for the tar
 
 
 def report(name: str, value: float, unit: str, baseline: float, ratio: float, target: str, ok: bool) -> None:
-    verdict = ("PASS" if ok else "MISS") if JUDGE_TARGETS else "(quick)"
-    print(f"{name:34s} {value:12.4f} {unit:4s} baseline {baseline:12.4f}  ratio {ratio:9.2f}  "
-          f"target {target:10s} {verdict}", flush=True)
+    benchkit.report(name, value, unit, baseline, ratio, target, ok, quick=not JUDGE_TARGETS)
 
 
 def full_ranking_vs_kernel(n: int, d: int, runs: int) -> None:
@@ -82,6 +72,8 @@ def prefix_vs_naive(n: int, d: int, count: int, runs: int) -> None:
 
 MEMORY_CHILD = """
 import resource, sys, time, numpy as np
+from benchkit import best_of
+
 from coincide_ray.select import greedy_mmd_order
 n, d, top = map(int, sys.argv[1:4])
 x = np.random.default_rng(2).standard_normal((n, d)).astype(np.float32) * 0.1

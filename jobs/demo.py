@@ -39,7 +39,7 @@ def main() -> int:
         build_tiny_checkpoint(model, "llava", hidden=64, layers=8, heads=4, image_size=64)
     code = cli_main(["run", "--input", str(records_file), "--image-root", str(corpus), "--model", str(model),
                      "--output", str(root), "--layers", "1,3,5,7", "--clusters", "40", "--iterations", "20",
-                     "--fraction", "0.2"])
+                     "--fraction", "0.2", "--label-field", "concept,skill"])
     if code:
         return code
     manifest = io.read_json(str(root / schema.MANIFEST_PATH))
@@ -49,6 +49,11 @@ def main() -> int:
           f"embedded {counts['embedded']}, reused {counts['reused']}")
     print(f"  rejected by reason: {manifest['health']['rejected_by_reason']}")
     print(f"  seconds per stage: {manifest['timings_s']}")
+    labels = manifest["labels"]
+    print(f"  planted concept/skill groups: cluster purity {labels['purity']:.2f}; the selection covers "
+          f"{labels['groups_covered_by_selection']} of {labels['groups']} groups, a random subset of the same "
+          f"size {labels['groups_covered_by_random']}")
+    print(f"  report: {manifest['paths']['report']}")
     selected = io.read_json(str(root / schema.SELECTED_RECORDS_PATH))
     print(f"  selected skills: {dict(sorted(Counter(r['skill'] for r in selected).items()))}")
     print(f"  outputs under {root}:")

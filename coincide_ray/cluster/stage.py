@@ -196,7 +196,9 @@ class ShardSet:
         rows = np.concatenate([r for _, r in parts])
         return rows[np.argsort(index)]
 
-    def kmeans(self, k: int, *, iterations: int, seed: int, init=None, sample_fraction: float = 1.0) -> KMeansResult:
+    def kmeans(self, k: int, *, iterations: int, seed: int, init=None, sample_fraction: float = 1.0,
+               progress=None) -> KMeansResult:
+        """Lloyd iterations over the shards; `progress(message)` hears about every tenth."""
         check_kmeans_args(k, iterations)
         fit = (self.n, float(sample_fraction), seed)
         if init is not None:
@@ -205,12 +207,17 @@ class ShardSet:
             fitted = np.flatnonzero(sample_mask(self.n, sample_fraction, seed))
             picks, filler = initial_draw(len(fitted), self.dim, k, seed)
             centroids = np.concatenate([self.unit_rows_at(fitted[picks]), filler]).astype(np.float32)
-        for _ in range(iterations):
+        for done in range(iterations):
             shared = ray.put(centroids)  # sent once per iteration, read by every shard
             stats = PartialSums.combine(as_completed([w.step.remote(shared, fit) for w in self.workers]))
             m = spare_needed(stats.counts)
             spare = Spare.combine(ray.get([w.spare.remote(m) for w in self.workers]), m) if m else None
             centroids = update_centroids(stats, spare, centroids)
+            if progress and (done + 1) % max(1, iterations // 10) == 0:
+                empty = int((stats.counts == 0).sum())
+                progress(f"k-means {'[' + '#' * (24 * (done + 1) // iterations)}"
+                         f"{'-' * (24 - 24 * (done + 1) // iterations)}] {done + 1}/{iterations} iterations"
+                         + (f", {empty} empty clusters reseeded" if empty else ""))
         shared = ray.put(centroids)
         parts = ray.get([w.assign_all.remote(shared) for w in self.workers])
         index = np.concatenate([p[0] for p in parts])

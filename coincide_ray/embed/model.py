@@ -113,7 +113,6 @@ def load_model(uri: str, config: EmbedConfig, device: str | None = None) -> Load
     return LoadedModel(model.to(device).eval(), processor, device)
 
 
-
 def context_length(folder: str, trust_remote_code: bool = False) -> int:
     """The decoder's context in tokens (0 when the config does not say)."""
     from transformers import AutoConfig

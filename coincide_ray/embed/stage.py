@@ -145,6 +145,27 @@ class EmbeddedBlock:
         }, schema=schema.EMBEDDINGS)
 
 
+_COUNTERS: dict = {}
+
+
+def count(name: str, value: int, reason: str | None = None) -> None:
+    """Add to a counter exported through Ray's metrics API (the dashboard, and Prometheus
+    scraping the cluster): coincide_records_<name>{reason=...}."""
+    if value <= 0:
+        return
+    from ray.util.metrics import Counter as RayCounter
+
+    if name not in _COUNTERS:
+        _COUNTERS[name] = RayCounter(f"coincide_records_{name}", description=f"records {name} by coincide-ray",
+                                     tag_keys=("reason",))
+    _COUNTERS[name].inc(value, tags={"reason": reason or ""})
+
+
+def progress_bar(done: int, total: int, width: int = 24) -> str:
+    filled = int(width * done / max(total, 1))
+    return "[" + "#" * filled + "-" * (width - filled) + f"] {done}/{total}"
+
+
 def write_block(row: dict, output: str) -> dict:
     """Publish one block's file; returns the counts the driver shows and totals."""
     result: EmbeddedBlock = row["result"]
@@ -153,6 +174,11 @@ def write_block(row: dict, output: str) -> dict:
         result.image_tokens[position], result.text_tokens[position] = image, text
     io.write_parquet(result.table(), io.join(output, schema.EMBEDDINGS_DIR, part_name(result.block)))
     reasons = Counter(r.reason for r in result.rejected.values())
+    count("read", len(result.ids))
+    count("reused", len(result.reused))
+    count("embedded", len(result.ids) - len(result.rejected) - len(result.reused))
+    for reason, n in reasons.items():
+        count("rejected", n, reason)
     return {"block": result.block, "records": len(result.ids), "rejected": sum(reasons.values()),
             "reused": len(result.reused), "truncated": len(result.truncated), "reasons": json.dumps(dict(sorted(reasons.items())))}
 
@@ -265,14 +291,15 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
         ds = ds.map(ModelWorker, fn_constructor_args=(config.model, config.embed, config.layers, pool.threads),
                     concurrency=pool.actors, num_gpus=pool.gpus, num_cpus=0 if pool.gpus else 1)
         ds = ds.map(write_block, fn_kwargs={"output": out}, num_cpus=0.25)
-        finished = 0
-        for summary in ds.iter_rows():
-            finished += 1
+        began = time.perf_counter()
+        for finished, summary in enumerate(ds.iter_rows(), start=1):
             embedded += summary["records"] - summary["rejected"] - summary["reused"]
             reused += summary["reused"]
             truncated += summary["truncated"]
-            progress(f"embed: block {summary['block']} written ({finished}/{len(pending)}); reused "
-                     f"{summary['reused']}, rejected {summary['rejected']} "
+            rate = embedded / max(time.perf_counter() - began, 1e-9)
+            left = (len(pending) - finished) * config.embed.block_records / rate if rate > 0 else float("nan")
+            progress(f"embed {progress_bar(finished, len(pending))} blocks, {rate:.1f} samples/s, ~{left:.0f}s left; "
+                     f"block {summary['block']} written: reused {summary['reused']}, rejected {summary['rejected']} "
                      f"{summary['reasons'] if summary['rejected'] else ''}".rstrip())
     listing = sorted(part_name(i) for i in range(len(blocks)))
     io.write_json({"parts": listing, "records": records}, io.join(out, schema.EMBEDDINGS_DONE_PATH))
