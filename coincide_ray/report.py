@@ -51,7 +51,7 @@ def bars(values: np.ndarray, title: str, x_label: str, y_label: str, highlight: 
         colour = "#d62728" if highlight is not None and highlight[i] else "#1f77b4"
         body.append(f'<rect x="{PAD + i * width:.2f}" y="{HEIGHT - PAD - h:.2f}" width="{max(width * 0.9, 0.5):.2f}" '
                     f'height="{h:.2f}" fill="{colour}"/>')
-    body.append(f'<text x="{PAD - 4}" y="20" text-anchor="end" font-size="10">{top:g}</text>')
+    body.append(f'<text x="{PAD - 4}" y="20" text-anchor="end" font-size="10">{top:.3g}</text>')
     return _svg("".join(body), title, x_label, y_label)
 
 
