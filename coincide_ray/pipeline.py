@@ -253,7 +253,7 @@ def selected_ids(selection: pa.Table) -> list[str]:
     return selection.filter(selection.column(schema.SELECTED)).column(schema.SAMPLE_ID).to_pylist()
 
 
-def write_diff(previous: str, ids: list[str], outputs: dict[str, bytes], out: str, progress: Progress) -> dict:
+def write_diff(previous: str, selection: pa.Table, out: str, progress: Progress) -> dict:
     """selection/diff.json: the selected ids added and dropped since the previous run, in
     this run's canonical order (dropped ones in the previous run's order)."""
     uri = io.join(previous, schema.SELECTION_PATH)
@@ -261,7 +261,7 @@ def write_diff(previous: str, ids: list[str], outputs: dict[str, bytes], out: st
         progress(f"no selection to compare with at {uri}")
         return {"previous": previous, "compared": False}
     before = selected_ids(io.read_parquet(uri, [schema.SAMPLE_ID, schema.SELECTED]))
-    now = selected_ids(io.parquet_from_bytes(outputs[schema.SELECTION_PATH]))
+    now = selected_ids(selection)
     kept_before, kept_now = set(before), set(now)
     diff = {"previous": previous, "added": [i for i in now if i not in kept_before],
             "dropped": [i for i in before if i not in kept_now]}
@@ -318,7 +318,8 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
         shards.close()
 
     summary = io.parquet_from_bytes(outputs[schema.SUMMARY_PATH])
-    selected = int(pc.sum(io.parquet_from_bytes(outputs[schema.SELECTION_PATH]).column(schema.SELECTED)).as_py() or 0)
+    selection = io.parquet_from_bytes(outputs[schema.SELECTION_PATH])
+    selected = int(pc.sum(selection.column(schema.SELECTED)).as_py() or 0)
     rejected = io.parquet_from_bytes(outputs[schema.REJECTED_PATH]).column(schema.REASON).to_pylist()
     accepted = len(clusters.ids)
     budget = int(config.select.fraction * accepted)
@@ -340,8 +341,7 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
         "stage_keys": {"cluster": keys.cluster, "select": keys.select},
     }
     if config.previous:
-        manifest["diff"] = write_diff(config.previous, clusters.ids, outputs, out, progress)
-    selection = io.parquet_from_bytes(outputs[schema.SELECTION_PATH])
+        manifest["diff"] = write_diff(config.previous, selection, out, progress)
     labels = None
     if config.label_fields and config.input:
         labels = label_figures(config.input, list(config.label_fields), selection)
