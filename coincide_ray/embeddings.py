@@ -35,8 +35,10 @@ def read_file(uri: str) -> tuple[FileRows, list[np.ndarray | None]]:
     ids = table.column(schema.SAMPLE_ID).cast(pa.string()).to_pylist()
     column = table.column(schema.EMBEDDING).combine_chunks()
     lengths = pc.fill_null(pc.list_value_length(column), -1).to_numpy(zero_copy_only=False).astype(np.int64)
-    values = pc.fill_null(pc.list_flatten(column).cast(pa.float32()), float("nan"))
-    values = values.to_numpy(zero_copy_only=False)
+    values = pc.list_flatten(column).cast(pa.float32())
+    if values.null_count:  # a null element inside a vector: NaN, which judge() rejects
+        values = pc.fill_null(values, float("nan"))
+    values = values.to_numpy(zero_copy_only=False)  # no copy when there are no nulls
     ends = np.cumsum(np.maximum(lengths, 0))
     vectors = [None if length < 0 else values[end - length : end] for length, end in zip(lengths, ends)]
     finite = np.array([v is None or bool(np.isfinite(v).all()) for v in vectors], dtype=bool)
@@ -104,7 +106,12 @@ def judge(files: list[FileRows], stage: str = "select") -> Verdict:
     return verdict
 
 
-def stack_accepted(vectors: list[np.ndarray | None], mask: np.ndarray, dim: int) -> np.ndarray:
-    """The accepted rows of one file as an (n, dim) float32 array."""
-    rows = [vectors[i] for i in np.flatnonzero(mask)]
-    return np.stack(rows).astype(np.float32, copy=False) if rows else np.zeros((0, dim), np.float32)
+def stack_accepted(vectors: list[np.ndarray | None], mask: np.ndarray, dim: int,
+                   out: np.ndarray | None = None) -> np.ndarray:
+    """The accepted rows of one file as an (n, dim) float32 array, written into `out` when
+    given (so a worker can fill one preallocated array file by file)."""
+    rows = np.flatnonzero(mask)
+    out = np.empty((len(rows), dim), np.float32) if out is None else out
+    for j, i in enumerate(rows):
+        out[j] = vectors[i]
+    return out

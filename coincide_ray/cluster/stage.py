@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import ray
 
 from coincide_ray import embeddings, io
@@ -73,13 +74,18 @@ class ShardWorker:
         return reports
 
     def keep(self, masks: list[np.ndarray], first_index: list[int], dim: int) -> int:
-        """Keep the accepted rows; `first_index` is the global index of each file's first one."""
-        parts, index = [], []
-        for path, mask, start in zip(self.files, masks, first_index):
-            parts.append(embeddings.stack_accepted(self.pending.pop(path), mask, dim))
-            index.append(start + np.arange(int(mask.sum()), dtype=np.int64))
-        self.x = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+        """Keep the accepted rows; `first_index` is the global index of each file's first one.
+        The rows go into one preallocated array file by file, each file's read buffers freed
+        as soon as it is copied, so the peak is the rows plus what is still pending."""
+        counts = [int(mask.sum()) for mask in masks]
+        self.x = np.empty((sum(counts), dim), np.float32)
+        index, at = [], 0
+        for path, mask, start, count in zip(self.files, masks, first_index, counts):
+            embeddings.stack_accepted(self.pending.pop(path), mask, dim, out=self.x[at : at + count])
+            index.append(start + np.arange(count, dtype=np.int64))
+            at += count
         self.index = np.concatenate(index) if index else np.zeros(0, np.int64)
+        pa.default_memory_pool().release_unused()  # Arrow keeps freed read buffers otherwise
         return len(self.x)
 
     def unit_rows_at(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
