@@ -1,6 +1,7 @@
 """Transient S3 errors are retried and change nothing; a permanent one is one line naming
 the object. The faults come from the proxy in front of the S3 endpoint (faulty_s3.py)."""
 
+import pytest
 from embeddings_corpus import write_corpus
 
 from coincide_ray import io, schema
@@ -51,3 +52,34 @@ def test_credentials_never_reach_outputs_or_logs(s3_endpoint, capsys):
     assert len(written) >= 7  # the contract files, the stage markers and the manifest
     for blob in [logs.out.encode(), logs.err.encode()] + [io.read_bytes(path) for path in written]:
         assert not any(secret in blob for secret in secrets)
+
+
+@pytest.mark.slow
+def test_embedding_through_faults_equals_embedding_without(s3_endpoint, faults, tmp_path, tiny_model):
+    from test_embed_stage import job_yaml
+
+    from coincide_ray.corpus import write_corpus as write_records
+
+    base = "s3://coincide-test/embed-faults"
+    write_records(io.join(base, "corpus", "records.json"), io.join(base, "corpus"), 24, seed=4)
+
+    def run(out):
+        return main(["run", "--input", io.join(base, "corpus", "records.json"), "--image-root",
+                     io.join(base, "corpus"), "--model", tiny_model, "--output", io.join(base, out),
+                     "--layers", "1,3,4", "--clusters", "3", "--iterations", "5",
+                     "--config", job_yaml(tmp_path, out, block_records=8, batch_size=4)])
+
+    assert run("clean") == 0
+    faults.fault_every = 3
+    before = dict(faults.injected)
+    assert run("faulty") == 0
+    faults.fault_every = 0
+    assert all(faults.injected[kind] > before[kind] for kind in before), faults.injected
+    for path in CONTRACT + [schema.SELECTED_RECORDS_PATH]:
+        assert io.read_bytes(io.join(base, "faulty", path)) == io.read_bytes(io.join(base, "clean", path)), path
+    parts = [p.rsplit("/", 1)[1] for p in io.list_files(io.join(base, "clean", "embeddings"), (".parquet",))]
+    for name in parts:
+        assert io.read_bytes(io.join(base, "faulty", "embeddings", name)) == \
+            io.read_bytes(io.join(base, "clean", "embeddings", name)), name
+    rejected = io.read_parquet(io.join(base, "faulty", schema.REJECTED_PATH)).column(schema.REASON).to_pylist()
+    assert "image not readable" not in " ".join(rejected)  # no record lost to a transient fault
