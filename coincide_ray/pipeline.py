@@ -24,7 +24,7 @@ from coincide_ray.config import JobConfig
 from coincide_ray.manifest import command_line, fingerprint, health, library_versions
 from coincide_ray.report import label_figures
 from coincide_ray.report import render as render_report
-from coincide_ray.stages import finished, publish, sha256, stage_key
+from coincide_ray.stages import Finished, finished, publish, sha256, stage_key
 
 Progress = Callable[[str], None]
 
@@ -158,7 +158,7 @@ def cluster_stage(config: JobConfig, key: str, shards: LazyShards, progress: Pro
         return Clusters(table.column(schema.SAMPLE_ID).to_pylist(),
                         io.npy_from_bytes(done.files[schema.CENTROIDS_PATH]),
                         table.column(schema.CLUSTER).to_numpy(), table.column(schema.COSINE).to_numpy(),
-                        float(done.info["objective"]), {p: sha256(b) for p, b in done.files.items()})
+                        float(done.info["objective"]), done.digests)
     data = shards.get().verdict
     start = time.perf_counter()
     if init is not None and init.shape[1] != data.dim:
@@ -170,9 +170,9 @@ def cluster_stage(config: JobConfig, key: str, shards: LazyShards, progress: Pro
              f"({time.perf_counter() - start:.1f}s)")
     assignments = pa.table({schema.SAMPLE_ID: data.ids, schema.CLUSTER: kmeans.assignments,
                             schema.COSINE: kmeans.cosine}, schema=schema.ASSIGNMENTS)
-    digests = publish(out, "cluster", key, {schema.CENTROIDS_PATH: io.npy_bytes(kmeans.centroids),
-                                  schema.ASSIGNMENTS_PATH: io.parquet_bytes(assignments)},
-            {"objective": kmeans.objective})
+    files = {schema.CENTROIDS_PATH: io.npy_bytes(kmeans.centroids),
+             schema.ASSIGNMENTS_PATH: io.parquet_bytes(assignments)}
+    digests = publish(out, "cluster", key, files, {"objective": kmeans.objective})
     return Clusters(list(data.ids), kmeans.centroids, kmeans.assignments, kmeans.cosine, kmeans.objective, digests)
 
 
@@ -181,13 +181,13 @@ def rejected_table(rejected: list[tuple]) -> pa.Table:
     return pa.table(dict(zip(schema.REJECTED.names, columns)), schema=schema.REJECTED)
 
 
-def rebudget(config: JobConfig, keys: StageKeys, clusters: Clusters, progress: Progress):
-    """(Selection, rejected table) from the previous selection's rankings under the output,
-    when they were made over the same clusters and cover the new quotas; else None."""
+def rebudget(config: JobConfig, keys: StageKeys, clusters: Clusters, prior: Finished | None, progress: Progress):
+    """(Selection, rejected table) from a previous selection's rankings (`prior`, the select
+    stage finished under the output with other settings), when they were made over the same
+    clusters and cover the new quotas; else None."""
     from coincide_ray.select.scoring import transferability
     from coincide_ray.select.selection import assemble, scores_and_quotas
 
-    prior = finished(config.output, "select")
     if prior is None or prior.info.get("rank_key") != keys.rank:
         return None
     ranked = io.parquet_from_bytes(prior.files[schema.SELECTION_PATH])
@@ -211,13 +211,13 @@ def rebudget(config: JobConfig, keys: StageKeys, clusters: Clusters, progress: P
 
 
 def selection_outputs(config: JobConfig, keys: StageKeys, clusters: Clusters, shards: LazyShards,
-                      progress: Progress) -> dict[str, bytes]:
+                      prior: Finished | None, progress: Progress) -> dict[str, bytes]:
     """Score, budget and rank: the select stage's files, from the previous rankings when
     they serve (a new budget), else from the embeddings on the shard workers."""
     from coincide_ray.select.stage import select_on_ray
 
     cfg = config.select
-    reused = rebudget(config, keys, clusters, progress)
+    reused = rebudget(config, keys, clusters, prior, progress)
     if reused:
         selection, rejected = reused
     else:
@@ -305,12 +305,12 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
         clusters = cluster_stage(config, keys.cluster, shards, progress, init)
         timings["cluster"] = time.perf_counter() - start - shards.seconds
         start, read = time.perf_counter(), shards.seconds
-        done = finished(out, "select", keys.select)
-        if done:
+        prior = finished(out, "select")  # read and verified once: reused whole, or for its rankings
+        if prior and prior.key == keys.select:
             progress(f"selection already finished under {out}: reused")
-            outputs, digests = done.files, {p: sha256(b) for p, b in done.files.items()}
+            outputs, digests = prior.files, prior.digests
         else:
-            outputs = selection_outputs(config, keys, clusters, shards, progress)
+            outputs = selection_outputs(config, keys, clusters, shards, prior, progress)
             digests = publish(out, "select", keys.select, outputs, {"rank_key": keys.rank, "transfer_key": keys.transfer})
         timings["select"] = time.perf_counter() - start - (shards.seconds - read)
         timings["read"] = shards.seconds

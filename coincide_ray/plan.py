@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from coincide_ray import io, schema
 from coincide_ray.config import JobConfig
+from coincide_ray.embed.msa import default_layers
 
 SAMPLE = 200  # records checked in full (parsed, image found)
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of one H100 SXM
@@ -95,14 +96,14 @@ def plan(config: JobConfig, command: str, calibrate: int = 0, workers: int = 0) 
         lines.append(f"embed: {blocks} blocks of {config.embed.block_records}; {done} already written, "
                      f"{max(blocks - done, 0)} to do")
         shape = model_shape(config)
-        layers = config.layers or ()
-        last = max(layers) if layers else shape.depth - 1
+        layers = config.layers or default_layers(shape.depth)
+        last = max(layers)
         tokens = chars / 4 / max(accepted, 1) + shape.image_tokens * with_image / max(min(records, SAMPLE), 1)
         flops = shape.flops_per_token(last) * tokens * expected * max(blocks - done, 0) / max(blocks, 1)
         hours = flops / (H100_BF16_FLOPS * ASSUMED_MFU) / 3600
         lines.append(f"embed work: ~{tokens:.0f} tokens per record, decoder layers 0..{last} of {shape.depth}: "
                      f"~{flops:.2e} FLOP, ~{hours:.2f} H100-hours at {ASSUMED_MFU:.0%} MFU (vision tower not counted)")
-        dim = 2 * len(layers or range(5)) * shape.hidden
+        dim = 2 * len(layers) * shape.hidden
     else:
         dim = 0
         provenance = io.join(config.embeddings or "", "_provenance.json")
@@ -142,7 +143,7 @@ def plan(config: JobConfig, command: str, calibrate: int = 0, workers: int = 0) 
 def measure(config: JobConfig, count: int) -> float:
     """Samples/s of the model on `count` records, prepared beforehand, in this process."""
     from coincide_ray.embed.model import context_length, load_model, local_copy
-    from coincide_ray.embed.msa import default_layers, extract_msa_embeddings
+    from coincide_ray.embed.msa import extract_msa_embeddings
     from coincide_ray.embed.preprocess import Preprocessor
     from coincide_ray.embed.stage import plan_blocks
 

@@ -35,10 +35,12 @@ def marker_uri(output: str, stage: str) -> str:
 
 @dataclass(frozen=True)
 class Finished:
-    """A finished stage: its marker's extra facts and its files' verified bytes."""
+    """A finished stage: its key, its marker's extra facts and its files' verified bytes."""
 
+    key: str
     info: dict
     files: dict[str, bytes]  # path under the output -> content
+    digests: dict[str, str]  # path under the output -> sha256 of its content
 
 
 def publish(output: str, stage: str, key: str, files: dict[str, bytes], info: dict | None = None) -> dict[str, str]:
@@ -63,7 +65,8 @@ def finished(output: str, stage: str, key: str | None = None) -> Finished | None
     if key is not None and marker.get("key") != key:
         return None
     files = {}
-    for path, digest in marker.get("files", {}).items():
+    digests = marker.get("files", {})
+    for path, digest in digests.items():
         target = io.join(output, path)
         if not io.exists(target):
             return None
@@ -71,4 +74,4 @@ def finished(output: str, stage: str, key: str | None = None) -> Finished | None
         if sha256(data) != digest:
             return None
         files[path] = data
-    return Finished(marker.get("info", {}), files)
+    return Finished(marker.get("key", ""), marker.get("info", {}), files, digests)

@@ -101,18 +101,23 @@ def to_fixed(rows: np.ndarray) -> np.ndarray:
 SUM_CHUNK = 2048  # rows converted and added at a time: the temporaries stay in cache
 
 
-def partial_sums(x_unit: np.ndarray, cluster: np.ndarray, k: int) -> PartialSums:
-    """Per-cluster sums and counts of one shard's unit rows. Integer sums are exact in any
-    order, so torch's scatter-add gives the same bits as any other summation; it is
-    `to_fixed` (torch rounds half to even, as numpy does) fused with the add, chunk by chunk."""
+def partial_sums(x_unit: np.ndarray, cluster: np.ndarray, k: int, into: PartialSums | None = None) -> PartialSums:
+    """Per-cluster sums and counts of one shard's unit rows, added to `into` in place when
+    given (a worker summing chunk by chunk keeps one (k, d) matrix, not one per chunk).
+    Integer sums are exact in any order, so torch's scatter-add gives the same bits as any
+    other summation; it is `to_fixed` (torch rounds half to even, as numpy does) fused with
+    the add, SUM_CHUNK rows at a time."""
+    d = x_unit.shape[1]
+    total = into or PartialSums(np.zeros((k, d), np.int64), np.zeros(k, np.int64))
+    sums = torch.from_numpy(total.sums)  # shares memory: the adds land in total.sums
     rows = torch.from_numpy(np.ascontiguousarray(x_unit, dtype=np.float32))
     index = torch.from_numpy(np.ascontiguousarray(cluster, dtype=np.int64))
-    sums = torch.zeros((k, x_unit.shape[1]), dtype=torch.int64)
     scale = float(FIXED_POINT)
     for start in range(0, len(rows), SUM_CHUNK):
         part = slice(start, start + SUM_CHUNK)
         sums.index_add_(0, index[part], (rows[part] * scale).round_().long())
-    return PartialSums(sums.numpy(), np.bincount(cluster, minlength=k).astype(np.int64))
+    np.add(total.counts, np.bincount(cluster, minlength=k), out=total.counts)
+    return total
 
 
 @dataclass(frozen=True)

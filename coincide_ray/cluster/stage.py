@@ -92,12 +92,17 @@ class ShardWorker:
         held = np.isin(self.index, wanted)
         return self.index[held], unit_rows(self.x[held])
 
-    def _assign(self, centroids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _assign(self, centroids: np.ndarray, rows: np.ndarray,
+                sums: PartialSums | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest centroid of each of `rows`, chunk by chunk; their sums added to `sums`."""
         index = CentroidIndex(centroids)
         cluster = np.empty(len(rows), np.int64)
         cosine = np.empty(len(rows), np.float32)
         for chunk in chunks(len(rows), self.x.shape[1]):
-            cluster[chunk], cosine[chunk] = index.assign(unit_rows(self.x[rows[chunk]]))
+            x_unit = unit_rows(self.x[rows[chunk]])
+            cluster[chunk], cosine[chunk] = index.assign(x_unit)
+            if sums is not None:
+                partial_sums(x_unit, cluster[chunk], len(centroids), into=sums)  # exact whatever the chunks
         return cluster, cosine
 
     def step(self, centroids: np.ndarray, fit: tuple[int, float, int]) -> PartialSums:
@@ -105,20 +110,11 @@ class ShardWorker:
         if self.fit_key != fit:
             total, fraction, seed = fit
             self.fit_key, self.fit_rows = fit, np.flatnonzero(sample_mask(total, fraction, seed)[self.index])
-        rows = self.fit_rows
         k = len(centroids)
-        index = CentroidIndex(centroids)
-        cluster = np.empty(len(rows), np.int64)
-        cosine = np.empty(len(rows), np.float32)
-        sums, counts = np.zeros((k, self.x.shape[1]), np.int64), np.zeros(k, np.int64)
-        for chunk in chunks(len(rows), self.x.shape[1]):
-            x_unit = unit_rows(self.x[rows[chunk]])
-            cluster[chunk], cosine[chunk] = index.assign(x_unit)
-            part = partial_sums(x_unit, cluster[chunk], k)
-            sums += part.sums  # exact: chunking does not change the result
-            counts += part.counts
-        self.last = (rows, cluster, cosine)
-        return PartialSums(sums, counts)
+        sums = PartialSums(np.zeros((k, self.x.shape[1]), np.int64), np.zeros(k, np.int64))
+        cluster, cosine = self._assign(centroids, self.fit_rows, sums)
+        self.last = (self.fit_rows, cluster, cosine)
+        return sums
 
     def spare(self, m: int) -> Spare:
         rows, cluster, cosine = self.last

@@ -296,9 +296,10 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
             embedded += summary["records"] - summary["rejected"] - summary["reused"]
             reused += summary["reused"]
             truncated += summary["truncated"]
-            rate = embedded / max(time.perf_counter() - began, 1e-9)
-            left = (len(pending) - finished) * config.embed.block_records / rate if rate > 0 else float("nan")
-            progress(f"embed {progress_bar(finished, len(pending))} blocks, {rate:.1f} samples/s, ~{left:.0f}s left; "
+            elapsed = time.perf_counter() - began
+            left = (len(pending) - finished) * elapsed / finished  # blocks are the same size
+            progress(f"embed {progress_bar(finished, len(pending))} blocks, {embedded / max(elapsed, 1e-9):.1f} "
+                     f"samples/s, ~{left:.0f}s left; "
                      f"block {summary['block']} written: reused {summary['reused']}, rejected {summary['rejected']} "
                      f"{summary['reasons'] if summary['rejected'] else ''}".rstrip())
     listing = sorted(part_name(i) for i in range(len(blocks)))

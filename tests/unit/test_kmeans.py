@@ -88,6 +88,9 @@ def test_partial_sums_are_the_rounded_fixed_point_sums():
         expected[c] += np.rint(row.astype(np.float64) * FIXED_POINT).astype(np.int64)
     assert np.array_equal(got.sums, expected)
     assert np.array_equal(got.counts, np.bincount(cluster, minlength=11))
+    running = partial_sums(xu[:1234], cluster[:1234], 11)  # added in place, chunk by chunk
+    assert partial_sums(xu[1234:], cluster[1234:], 11, into=running) is running
+    assert np.array_equal(running.sums, expected) and np.array_equal(running.counts, got.counts)
 
 
 def test_shard_statistics_combine_to_the_whole():
