@@ -32,12 +32,13 @@ SELECT_EXAMPLES = """examples:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the user must fix something: reported as one line, exit 2."""
     from coincide_ray.embed.model import ModelError
+    from coincide_ray.embeddings import MixedDimensionsError
     from coincide_ray.io import InputFormatError, StorageError
     from coincide_ray.pipeline import InputError
     from coincide_ray.schema import SchemaError
 
     errors: list[type[BaseException]] = [ConfigError, InputError, InputFormatError, ModelError, SchemaError,
-                                         StorageError, FileNotFoundError, PermissionError]
+                                         StorageError, MixedDimensionsError, FileNotFoundError, PermissionError]
     try:
         from botocore.exceptions import EndpointConnectionError, NoCredentialsError
 
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--output", metavar="URI", help="local folder or s3:// prefix for the outputs")
     common.add_argument("--layers", metavar="L,L,...", help="decoder layers to pool (default 3,7,11,15,19)")
     common.add_argument("--config", metavar="YAML", help="job config file; flags override its keys")
+    common.add_argument("--address", metavar="ADDR",
+                        help="Ray cluster to join (default: RAY_ADDRESS, as under `ray job submit`; "
+                             "without either, a new local Ray is started)")
     common.add_argument("--dry-run", action="store_true",
                         help="print the plan (stages, records, work, memory) and write nothing")
     common.add_argument("--calibrate", type=int, metavar="N", default=0,
@@ -124,20 +128,27 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     values = merge(base, flags)
     if not values.get("output"):
         raise ConfigError("--output is required (or output: in the config file)")
+    if io.is_file(values["output"]):
+        raise ConfigError(f"--output {values['output']} is a file; it must name a folder or prefix")
     if args.command in ("run", "select") and not values.get("embeddings"):
         values["embeddings"] = io.join(values["output"], schema.EMBEDDINGS_DIR)
     return JobConfig.from_dict(values)
 
 
-def start_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local Ray."""
+def ray_address(flag: str | None) -> str:
+    """--address, else RAY_ADDRESS (set by `ray job submit`), else "local": a new Ray of our
+    own. ray.init() without an address would join whatever Ray was started last on this
+    machine, another user's included."""
+    return flag or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def start_ray(address: str | None = None) -> None:
     import logging
 
     import ray
 
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address or None, logging_level=logging.WARNING)
+        ray.init(address=ray_address(address), logging_level=logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(line)
             return 0
         embed = None
-        start_ray()
+        start_ray(args.address)
         if args.command in ("run", "embed"):
             from coincide_ray.embed.stage import run_embed
             from coincide_ray.pipeline import EmbedStats

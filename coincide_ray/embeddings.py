@@ -64,20 +64,34 @@ class Verdict:
         return len(self.ids) + len(self.rejected)
 
 
-def judge(files: list[FileRows], stage: str = "select") -> Verdict:
+class MixedDimensionsError(ValueError):
+    """Vectors of several dimensions with none in the majority and none recorded."""
+
+
+def expected_dimension(files: list[FileRows]) -> int:
+    """The dimension held by more than half of the vectors; MixedDimensionsError otherwise.
+    Counted over every file, so a small stray file of another dimension that sorts first
+    does not decide it."""
+    dims = Counter(int(n) for rows in files for n in rows.lengths if n > 0)
+    if not dims:
+        return 0
+    (dim, count), total = dims.most_common(1)[0], sum(dims.values())
+    if 2 * count <= total:
+        found = ", ".join(f"{d}: {n} rows" for d, n in sorted(dims.items(), key=lambda item: (-item[1], -item[0])))
+        raise MixedDimensionsError(f"the embeddings mix dimensions ({found}) and no _provenance.json says which "
+                                   "is meant: select them from one run, or remove the files of the other")
+    return dim
+
+
+def judge(files: list[FileRows], stage: str = "select", dim: int | None = None) -> Verdict:
     """Accept or reject every row of `files` (given in canonical order).
 
-    The expected dimension is the most common one in the first file that has any vector;
-    an id seen before is a duplicate (the first copy is kept); a verdict an earlier stage
-    wrote into the file stands."""
-    dim = 0
-    for rows in files:
-        dims = Counter(int(n) for n in rows.lengths if n > 0)
-        if dims:
-            dim = dims.most_common(1)[0][0]
-            break
-    verdict = Verdict(dim)
-    first_seen: dict[str, str] = {}
+    The expected dimension is `dim` (the one the embed stage recorded) or the majority's;
+    of several copies of an id the first acceptable one is kept and later ones are
+    duplicates (a rejected first copy does not hide a good second one); a verdict an
+    earlier stage wrote into the file stands."""
+    verdict = Verdict(dim if dim else expected_dimension(files))
+    kept: dict[str, str] = {}  # accepted id -> where
     for rows in files:
         mask = np.zeros(len(rows.ids), dtype=bool)
         for row, sample_id in enumerate(rows.ids):
@@ -88,18 +102,18 @@ def judge(files: list[FileRows], stage: str = "select") -> Verdict:
                 continue
             if not sample_id:
                 sample_id, reason = where, "missing sample_id"
-            elif sample_id in first_seen:
-                reason, detail = "duplicate sample_id", f"{where}; first at {first_seen[sample_id]}"
+            elif sample_id in kept:
+                reason, detail = "duplicate sample_id", f"{where}; first at {kept[sample_id]}"
             elif rows.lengths[row] <= 0:
                 reason = "missing embedding"
-            elif rows.lengths[row] != dim:
-                reason, detail = "wrong embedding dimension", f"{where}: {rows.lengths[row]}, expected {dim}"
+            elif rows.lengths[row] != verdict.dim:
+                reason, detail = "wrong embedding dimension", f"{where}: {rows.lengths[row]}, expected {verdict.dim}"
             elif not rows.finite[row]:
                 reason = "embedding holds NaN or inf"
-            first_seen.setdefault(sample_id, where)
             if reason:
                 verdict.rejected.append((sample_id, stage, reason, detail))
             else:
+                kept[sample_id] = where
                 verdict.ids.append(sample_id)
                 mask[row] = True
         verdict.accepted.append(mask)

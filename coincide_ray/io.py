@@ -9,6 +9,7 @@ StorageError naming the object. A missing object or a refused permission is not 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -30,6 +31,10 @@ class InputFormatError(ValueError):
 
 class StorageError(OSError):
     """An object-store call that kept failing after every retry."""
+
+
+class OutsideRootError(ValueError):
+    """A path that, followed to the file it names, leaves the root it must stay under."""
 
 
 ATTEMPTS = 4  # our tries per call, on top of s3fs's and botocore's own; backoff 0.5 s doubling
@@ -74,6 +79,71 @@ def exists(uri: str) -> bool:
 def size(uri: str) -> int:
     fs, path = resolve(uri)
     return int(retried(uri, "sizing", lambda: fs.size(path)))
+
+
+def is_file(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return bool(retried(uri, "checking", lambda: fs.isfile(path)))
+
+
+def is_local(uri: str) -> bool:
+    return isinstance(resolve(uri)[0], LocalFileSystem)
+
+
+def digest_cache_folder() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "coincide-ray", "sha256")
+
+
+def digest(uri: str) -> str:
+    """A digest of the object's content, never of its name, size or time alone.
+
+    On an object store: the ETag, which the store computes from the bytes (an MD5 for a
+    single PUT, an MD5 of part MD5s for a multipart upload). Locally: the file's sha256,
+    remembered under a key of (path, size, mtime, ctime, inode) so that an unchanged file
+    is not read again on the next start; any write changes ctime, so a rewritten file is
+    always hashed anew."""
+    fs, path = resolve(uri)
+    if not isinstance(fs, LocalFileSystem):
+        info = retried(uri, "checking", lambda: fs.info(path))
+        tag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+        return f"etag:{tag}" if tag else "sha256:" + hashlib.sha256(read_bytes(uri)).hexdigest()
+    stat = os.stat(path)
+    key = f"{os.path.realpath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0{stat.st_ino}"
+    remembered = os.path.join(digest_cache_folder(), hashlib.sha256(key.encode()).hexdigest())
+    try:
+        with open(remembered) as f:
+            return f.read()
+    except OSError:
+        pass
+    content = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 * 2**20), b""):
+            content.update(block)
+    value = "sha256:" + content.hexdigest()
+    try:
+        write_bytes(remembered, value.encode())
+    except OSError:  # a read-only home: digests are then recomputed, never wrong
+        pass
+    return value
+
+
+def read_under(root: str, relative: str) -> bytes:
+    """The bytes of `relative` under `root`. Locally the real path is checked first: a
+    symbolic link (the file's or a folder's) that leads out of the root raises
+    OutsideRootError and nothing outside is read. Object stores have no links; the key
+    was confined to the prefix when the record was parsed (records.confine_image_path)."""
+    uri = join(root, relative)
+    fs, path = resolve(uri)
+    if isinstance(fs, LocalFileSystem):
+        real_root = os.path.realpath(resolve(root)[1])
+        real = os.path.realpath(path)
+        if os.path.commonpath([real_root, real]) != real_root:
+            raise OutsideRootError(f"{relative} leads outside the image root")
+        if not os.path.exists(real):
+            raise FileNotFoundError(uri)
+        uri = real
+    return read_bytes(uri)
 
 
 def list_files(uri: str, suffixes: tuple[str, ...]) -> list[str]:
@@ -125,6 +195,11 @@ def write_bytes(uri: str, data: bytes) -> None:
         retried(uri, "writing", lambda: fs.pipe_file(path, data))
 
 
+def remove(uri: str) -> None:
+    fs, path = resolve(uri)
+    retried(uri, "removing", lambda: fs.rm_file(path))
+
+
 def parquet_bytes(table: pa.Table) -> bytes:
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer, compression="zstd")
@@ -149,14 +224,49 @@ def npy_from_bytes(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+def _parquet_call(uri: str, call: Callable[[], T]) -> T:
+    """`call()` on a Parquet file. A file that does not read back whole (truncated, not
+    Parquet, a corrupt page) is an InputFormatError naming it, not retried: Arrow says so
+    with ArrowInvalid, while a failing connection raises the network stack's own error."""
+    def guarded() -> T:
+        try:
+            return call()
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+            first = " ".join(str(error).split())[:200]
+            raise InputFormatError(f"{uri} is not a readable Parquet file ({first})") from None
+
+    return retried(uri, "reading", guarded)
+
+
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     fs, path = resolve(uri)
-    return retried(uri, "reading", lambda: pq.read_table(path, filesystem=fs, columns=columns))
+    return _parquet_call(uri, lambda: pq.read_table(path, filesystem=fs, columns=columns))
+
+
+def read_parquet_rows(uri: str, rows: np.ndarray, columns: list[str]) -> pa.Table:
+    """Only `rows` (sorted positions) of `columns`, read row group by row group: a row group
+    none of them falls in is never read, and the others are cut down at once, so the memory
+    is one row group's columns, never the whole file's."""
+    fs, path = resolve(uri)
+
+    def read() -> pa.Table:
+        with fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            pieces, start = [], 0
+            for group in range(parquet.num_row_groups):
+                stop = start + parquet.metadata.row_group(group).num_rows
+                inside = rows[(rows >= start) & (rows < stop)] - start
+                if len(inside):
+                    pieces.append(parquet.read_row_group(group, columns=columns).take(pa.array(inside)))
+                start = stop
+            return pa.concat_tables(pieces) if pieces else parquet.schema_arrow.empty_table().select(columns)
+
+    return _parquet_call(uri, read)
 
 
 def parquet_schema(uri: str) -> pa.Schema:
     fs, path = resolve(uri)
-    return retried(uri, "reading", lambda: pq.read_schema(path, filesystem=fs))
+    return _parquet_call(uri, lambda: pq.read_schema(path, filesystem=fs))
 
 
 def write_parquet(table: pa.Table, uri: str) -> None:

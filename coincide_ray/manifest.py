@@ -10,6 +10,7 @@ from importlib import metadata
 
 import numpy as np
 
+from coincide_ray import io
 from coincide_ray.arrays import unit_rows
 
 COLLAPSED_COSINE = 0.99
@@ -25,11 +26,14 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def fingerprint(entries: list[tuple[str, int]]) -> str:
-    """sha256 over (name, size) of every input file, in order."""
+def fingerprint(root: str, files: list[str]) -> str:
+    """sha256 over every input file's name under `root` and its content digest (io.digest),
+    in order: what a stage read, never only the names or sizes."""
     digest = hashlib.sha256()
-    for name, size in entries:
-        digest.update(f"{name}\0{size}\n".encode())
+    prefix = root.rstrip("/") + "/"
+    for uri in files:
+        name = uri[len(prefix):] if uri.startswith(prefix) else uri.rsplit("/", 1)[-1]
+        digest.update(f"{name}\0{io.digest(uri)}\n".encode())
     return digest.hexdigest()
 
 
@@ -45,9 +49,18 @@ def collapsed_centroid_pairs(centroids: np.ndarray, block_rows: int = 1024) -> i
     return pairs
 
 
+def cluster_warnings(clusters: int, accepted: int) -> list[str]:
+    """What makes a clustering suspect before it runs."""
+    if clusters > accepted:
+        return [f"{clusters} clusters for {accepted} accepted records: at least {clusters - accepted} clusters "
+                "stay empty; choose K well below the number of records (the paper: about N / 66)"]
+    return []
+
+
 def health(centroids: np.ndarray, sizes: np.ndarray, rejected_reasons: list[str], budget: int, selected: int) -> dict:
     accepted = int(sizes.sum())
     return {
+        "warnings": cluster_warnings(len(sizes), accepted),
         "collapsed_centroid_pairs": collapsed_centroid_pairs(centroids),
         "empty_clusters": int((sizes == 0).sum()),
         "largest_cluster_share": float(sizes.max() / accepted) if accepted else 0.0,

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from coincide_ray import io, schema
 from coincide_ray.config import JobConfig
-from coincide_ray.manifest import command_line, fingerprint, health, library_versions
+from coincide_ray.manifest import cluster_warnings, command_line, fingerprint, health, library_versions
 from coincide_ray.report import label_figures
 from coincide_ray.report import render as render_report
 from coincide_ray.stages import Finished, finished, publish, sha256, stage_key
@@ -47,24 +47,34 @@ class EmbedStats:
 
 
 def selected_records_json(input_uri: str, selected_ids: set[str]) -> tuple[bytes, int]:
-    """The selected original records, unchanged, in canonical order, as one JSON list."""
-    from coincide_ray.records import read_raw_records
+    """The selected original records, unchanged, in canonical order, as one JSON list: for an
+    id with several copies, the copy that was accepted (records.accepted_records)."""
+    from coincide_ray.records import Record, accepted_records
 
-    chosen, seen = [], set()
-    for _, raw in read_raw_records(input_uri):
-        sample_id = raw.get("id") if isinstance(raw, dict) else None
-        if sample_id in selected_ids and sample_id not in seen:  # a later duplicate of an id was rejected
-            chosen.append(raw)
-            seen.add(sample_id)
+    chosen = [raw for _, raw, item in accepted_records(input_uri)
+              if isinstance(item, Record) and item.id in selected_ids]
     return io.json_bytes(chosen), len(chosen)
 
 
-def recorded_layers(embeddings: str) -> tuple[int, ...]:
-    """The layers the embed stage recorded in _provenance.json beside the embeddings."""
+def recorded_provenance(embeddings: str) -> dict | None:
+    """The embed stage's _provenance.json beside the embeddings, when there is one."""
     path = io.join(embeddings, os.path.basename(schema.PROVENANCE_PATH))
-    if not io.exists(path):
-        raise InputError(f"no {path} to take the layers from: give --layers")
-    return tuple(io.read_json(path)["layers"])
+    return io.read_json(path) if io.exists(path) else None
+
+
+def with_recorded_layers(config: JobConfig, provenance: dict | None) -> JobConfig:
+    """The config with the layers the embeddings were made with: taken from the provenance
+    when --layers is not given, and refused when --layers says otherwise."""
+    recorded = tuple(provenance["layers"]) if provenance else None
+    if config.layers is None:
+        if recorded is None:
+            raise InputError(f"no _provenance.json beside {config.embeddings} to take the layers from: give --layers")
+        return dataclasses.replace(config, layers=recorded)
+    if recorded is not None and tuple(config.layers) != recorded:
+        raise InputError(f"--layers {','.join(map(str, config.layers))} differ from the layers "
+                         f"{','.join(map(str, recorded))} the embeddings under {config.embeddings} were made with: "
+                         "leave --layers out, or give those")
+    return config
 
 
 @dataclass(frozen=True)
@@ -101,8 +111,8 @@ class Clusters:
 class LazyShards:
     """The shard workers, started only when a stage has work that needs the vectors."""
 
-    def __init__(self, config: JobConfig, files: list[str], progress: Progress):
-        self.config, self.files, self.progress = config, files, progress
+    def __init__(self, config: JobConfig, files: list[str], dimension: int | None, progress: Progress):
+        self.config, self.files, self.dimension, self.progress = config, files, dimension, progress
         self.shards = None
         self.seconds = 0.0
 
@@ -112,7 +122,7 @@ class LazyShards:
         if self.shards is not None:
             return self.shards
         start = time.perf_counter()
-        self.shards = shards = ShardSet.load(self.files, self.config.cluster.workers)
+        self.shards = shards = ShardSet.load(self.files, self.config.cluster.workers, dim=self.dimension)
         data = shards.verdict
         self.seconds = time.perf_counter() - start
         self.progress(f"read {data.records} records from {len(self.files)} file(s) onto {len(shards.workers)} "
@@ -161,6 +171,8 @@ def cluster_stage(config: JobConfig, key: str, shards: LazyShards, progress: Pro
                         float(done.info["objective"]), done.digests)
     data = shards.get().verdict
     start = time.perf_counter()
+    for warning in cluster_warnings(c.clusters, len(data.ids)):
+        progress(f"warning: {warning}")
     if init is not None and init.shape[1] != data.dim:
         progress(f"warm start skipped: the previous centroids have dimension {init.shape[1]}, not {data.dim}")
         init = None
@@ -287,19 +299,19 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
         raise InputError("the select stage needs embeddings (--embeddings URI)")
     if not io.exists(config.embeddings):
         raise FileNotFoundError(f"no such file or folder: {config.embeddings}")
-    if config.layers is None:
-        config = dataclasses.replace(config, layers=recorded_layers(config.embeddings))
+    made = recorded_provenance(config.embeddings)
+    config = with_recorded_layers(config, made)
     out = config.output
     files = io.list_files(config.embeddings, (".parquet",))
-    embeddings_fingerprint = fingerprint([(f, io.size(f)) for f in files])
+    embeddings_fingerprint = fingerprint(config.embeddings, files)
     input_files = io.list_files(config.input, (".json", ".jsonl", ".parquet")) if config.input else []
-    input_fingerprint = fingerprint([(f, io.size(f)) for f in input_files]) if config.input else None
+    input_fingerprint = fingerprint(config.input, input_files) if config.input else None
     init = warm_start_centroids(config, progress)
     keys = StageKeys.of(config, embeddings_fingerprint, input_fingerprint,
                         None if init is None else sha256(io.npy_bytes(init)))
 
     timings: dict[str, float] = {"embed": embed.seconds} if embed else {}
-    shards = LazyShards(config, files, progress)
+    shards = LazyShards(config, files, made["dimension"] if made else None, progress)
     try:
         start = time.perf_counter()
         clusters = cluster_stage(config, keys.cluster, shards, progress, init)

@@ -7,7 +7,11 @@ kept untouched. Records are read in canonical order: files sorted by name, then 
 
 from __future__ import annotations
 
+import base64
+import datetime
+import decimal
 import json
+import math
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,25 +44,68 @@ def read_raw_records(uri: str) -> Iterator[tuple[str, dict | Any]]:
     """(position, raw record) for every record under `uri`, in canonical order."""
     for path in io.list_files(uri, RECORD_SUFFIXES):
         if path.endswith(".parquet"):
-            rows = io.read_parquet(path).to_pylist()
+            rows = [parquet_row(row) for row in io.read_parquet(path).to_pylist()]
         elif path.endswith(".jsonl"):
-            rows = []
-            for number, line in enumerate(io.read_bytes(path).decode("utf-8").splitlines()):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    rows.append(_Unparsable(f"line {number + 1}: {error.msg}"))
+            rows = jsonl_rows(io.read_bytes(path))
         else:
             try:
-                rows = json.loads(io.read_bytes(path))
+                rows = json.loads(io.read_bytes(path).decode("utf-8"))
+            except UnicodeDecodeError as error:
+                raise io.InputFormatError(f"{path} is not valid UTF-8 (byte {error.start})") from None
             except json.JSONDecodeError as error:
                 raise io.InputFormatError(f"{path} is not valid JSON: {error}") from None
             if not isinstance(rows, list):
                 raise io.InputFormatError(f"{path} must hold a JSON list of records")
         for row, raw in enumerate(rows):
             yield f"{path}#{row}", raw
+
+
+def jsonl_rows(data: bytes) -> list:
+    """One record per line. Lines end at \\n only: U+2028, U+2029 and NEL are allowed raw
+    inside JSON strings, so str.splitlines() would cut records apart."""
+    rows: list = []
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line.decode("utf-8")))
+        except UnicodeDecodeError as error:
+            rows.append(_Unparsable(f"line {number}: not valid UTF-8 (byte {error.start})"))
+        except json.JSONDecodeError as error:
+            rows.append(_Unparsable(f"line {number}: {error.msg}"))
+    return rows
+
+
+def parquet_row(row: dict) -> dict:
+    """A Parquet row in the JSON shape of a record: values JSON cannot hold are passed on in
+    a JSON-safe form (times as ISO 8601, bytes as base64, non-finite floats as null), and a
+    `conversations` column of JSON text is parsed into its list."""
+    safe = json_safe(row)
+    conversations = safe.get("conversations")
+    if isinstance(conversations, str):
+        try:
+            safe["conversations"] = json.loads(conversations)
+        except json.JSONDecodeError:
+            pass  # left as text: parse_record rejects it with a reason
+    return safe
+
+
+def json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 @dataclass(frozen=True)
@@ -83,8 +130,8 @@ def parse_record(raw: Any, position: str, stage: str = "read") -> Record | Rejec
 
     def reject(reason: str, detail: str = "") -> Rejection:
         sample_id = raw.get("id") if isinstance(raw, dict) else None
-        name = sample_id if isinstance(sample_id, str) and sample_id else position
-        return Rejection(name, stage, reason, f"{position}: {detail}" if detail else position)
+        name = printable(sample_id) if isinstance(sample_id, str) and sample_id else position
+        return Rejection(name, stage, reason, printable(f"{position}: {detail}" if detail else position))
 
     if isinstance(raw, _Unparsable):
         return reject("unparsable record", raw.message)
@@ -99,6 +146,8 @@ def parse_record(raw: Any, position: str, stage: str = "read") -> Record | Rejec
     for turn in conversations:
         if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
             return reject("malformed conversation turn", repr(turn)[:200])
+    if not all(map(is_unicode, [sample_id, raw.get("image") or "", *(t["value"] for t in conversations)])):
+        return reject("text is not valid Unicode", "a lone UTF-16 surrogate in the id, image or conversations")
     image = raw.get("image")
     if image is not None:
         try:
@@ -106,6 +155,40 @@ def parse_record(raw: Any, position: str, stage: str = "read") -> Record | Rejec
         except ValueError as error:
             return reject("image path outside the image root", str(error))
     return Record(sample_id, image, conversations, position)
+
+
+def is_unicode(text: Any) -> bool:
+    """False for a str holding a lone UTF-16 surrogate (JSON's "\\ud800" parses into one):
+    such text cannot be written as UTF-8 anywhere downstream."""
+    if not isinstance(text, str):
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(text: str) -> str:
+    """`text` with lone surrogates escaped (\\ud800), so that it can be written and shown."""
+    return text if is_unicode(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def accepted_records(uri: str) -> Iterator[tuple[str, Any, Record | Rejection]]:
+    """(position, raw record, Record or Rejection) for every input record, in canonical
+    order. Of several copies of an id the first that parses is accepted and the later ones
+    are rejected as duplicates; a malformed copy never hides a good one. Every reader of the
+    input (blocks, selected.json, labels) goes through here, so all agree on which copy
+    is the record."""
+    first: dict[str, str] = {}
+    for position, raw in read_raw_records(uri):
+        item = parse_record(raw, position)
+        if isinstance(item, Record):
+            if item.id in first:
+                item = Rejection(item.id, "read", "duplicate id", f"{position}; first at {first[item.id]}")
+            else:
+                first[item.id] = position
+        yield position, raw, item
 
 
 def chat_messages(record: Record) -> list[dict[str, Any]]:

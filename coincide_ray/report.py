@@ -15,6 +15,7 @@ import io as _io
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from coincide_ray import io, schema
 
@@ -70,27 +71,67 @@ def scatter(x: np.ndarray, y: np.ndarray, title: str, x_label: str, y_label: str
     return _svg(body, title, x_label, y_label)
 
 
+def embedding_sample(embeddings: str, selection: pa.Table, rows: int | None = None,
+                     seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """A seeded sample of at most `rows` accepted records and their vectors, as numpy. Only
+    the ids are read whole; each file gives just its sampled rows (io.read_parquet_rows),
+    so the report's memory does not grow with the embeddings (D = 20,480 in the paper)."""
+    rows = rows or SAMPLE_ROWS
+    accepted = set(selection.column(schema.SAMPLE_ID).to_pylist())
+    files = io.list_files(embeddings, (".parquet",))
+    where = []  # (file, row) of every accepted vector, in canonical order
+    for index, path in enumerate(files):
+        table = io.read_parquet(path, [schema.SAMPLE_ID])
+        ids = table.column(schema.SAMPLE_ID).to_pylist()
+        where += [(index, row, sample_id) for row, sample_id in enumerate(ids) if sample_id in accepted]
+    if len(where) > rows:
+        picks = np.sort(np.random.default_rng(seed).choice(len(where), size=rows, replace=False))
+        where = [where[i] for i in picks]
+    ids, vectors = [], []
+    for index in sorted({file for file, _, _ in where}):
+        wanted = [(row, sample_id) for file, row, sample_id in where if file == index]
+        table = io.read_parquet_rows(files[index], np.array([row for row, _ in wanted]), [schema.EMBEDDING])
+        column = table.column(schema.EMBEDDING).combine_chunks()
+        lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
+        values = pc.list_flatten(column).cast(pa.float32()).to_numpy(zero_copy_only=False)
+        for (row, sample_id), end, length in zip(wanted, np.cumsum(lengths), lengths):
+            if length:
+                ids.append(sample_id)
+                vectors.append(values[end - length : end])
+    if not vectors or len({len(v) for v in vectors}) != 1:
+        return [], np.zeros((0, 0), np.float32)
+    return ids, np.stack(vectors)
+
+
+PROJECTED_DIMENSION = 256
+
+
+def principal_plane(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """(m, 2) coordinates on the first two principal axes, for a picture. Wide vectors
+    (D = 20,480) are first mapped to PROJECTED_DIMENSION by a seeded Gaussian projection,
+    which keeps pairwise distances to within a few percent: the SVD then costs megabytes and
+    a fraction of a second instead of gigabytes and seconds. The plane it finds is close to
+    the exact one, not equal: where the second and third variances are close, the second
+    axis can turn towards the third."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.shape[1] > PROJECTED_DIMENSION:
+        gauss = np.random.default_rng(seed).standard_normal((x.shape[1], PROJECTED_DIMENSION), dtype=np.float32)
+        x = x @ (gauss / np.float32(np.sqrt(PROJECTED_DIMENSION)))
+    x = x.astype(np.float64)
+    x -= x.mean(axis=0)
+    _, _, axes = np.linalg.svd(x, full_matrices=False)
+    return x @ axes[:2].T
+
+
 def projection(embeddings: str, selection: pa.Table) -> str:
     """Selected vs not, on the first two principal axes of a sample of the embeddings."""
     selected = dict(zip(selection.column(schema.SAMPLE_ID).to_pylist(),
                         selection.column(schema.SELECTED).to_pylist()))
-    ids, rows = [], []
-    for path in io.list_files(embeddings, (".parquet",)):
-        table = io.read_parquet(path, [schema.SAMPLE_ID, schema.EMBEDDING])
-        for sample_id, vector in zip(table.column(schema.SAMPLE_ID).to_pylist(),
-                                     table.column(schema.EMBEDDING).to_pylist()):
-            if vector is not None and sample_id in selected and len(ids) < SAMPLE_ROWS:
-                ids.append(sample_id)
-                rows.append(vector)
-        if len(ids) >= SAMPLE_ROWS:
-            break
+    ids, x = embedding_sample(embeddings, selection)
     title = f"selected (red) and not selected (grey): {len(ids)} records on their first two principal axes"
-    if len(ids) < 3 or len({len(r) for r in rows}) != 1:
+    if len(ids) < 3:
         return scatter(np.zeros(0), np.zeros(0), title, "PC 1", "PC 2")
-    x = np.asarray(rows, dtype=np.float64)
-    x -= x.mean(axis=0)
-    _, _, axes = np.linalg.svd(x, full_matrices=False)
-    xy = x @ axes[:2].T
+    xy = principal_plane(x)
     colours = np.array(["#d62728" if selected[i] else "#aaaaaa" for i in ids])
     return scatter(xy[:, 0], xy[:, 1], title, "PC 1", "PC 2", colour=colours)
 
@@ -111,7 +152,7 @@ def thumbnail(data: bytes) -> str | None:
 def cluster_gallery(records_uri: str, image_root: str | None, selection: pa.Table, summary: pa.Table,
                     clusters: int = 3, members: int = 6) -> str:
     """The clusters with the largest quotas: a few members each, image and first question."""
-    from coincide_ray.records import read_raw_records
+    from coincide_ray.records import Record, accepted_records
 
     quota = summary.column("quota").to_numpy()
     cluster = selection.column(schema.CLUSTER).to_numpy()
@@ -119,10 +160,8 @@ def cluster_gallery(records_uri: str, image_root: str | None, selection: pa.Tabl
     chosen = selection.column(schema.SELECTED).to_pylist()
     shown = {int(c): np.flatnonzero(cluster == c)[:members] for c in np.argsort(-quota, kind="stable")[:clusters]}
     wanted = {ids[row] for rows in shown.values() for row in rows}
-    records = {}
-    for _, raw in read_raw_records(records_uri):
-        if isinstance(raw, dict) and raw.get("id") in wanted and raw["id"] not in records:
-            records[raw["id"]] = raw
+    records = {item.id: raw for _, raw, item in accepted_records(records_uri)
+               if isinstance(item, Record) and item.id in wanted}
     parts = []
     for c, rows in shown.items():
         cells = []
@@ -133,8 +172,8 @@ def cluster_gallery(records_uri: str, image_root: str | None, selection: pa.Tabl
             image = ""
             if record.get("image") and image_root:
                 try:
-                    src = thumbnail(io.read_bytes(io.join(image_root, record["image"])))
-                except OSError:
+                    src = thumbnail(io.read_under(image_root, record["image"]))
+                except (OSError, ValueError):
                     src = None
                 image = f'<img class="thumb" src="{src}" alt="{html.escape(ids[row])}">' if src else ""
             mark = "selected" if chosen[row] else "not selected"
@@ -149,12 +188,10 @@ def label_figures(records_uri: str, fields: list[str], selection: pa.Table, seed
     """How the clusters and the selection relate to labels the records carry (e.g. the demo's
     planted concept and skill): cluster purity, and how many records of each label group the
     selection holds against a seeded random subset of the same size."""
-    from coincide_ray.records import read_raw_records
+    from coincide_ray.records import Record, accepted_records
 
-    labels: dict[str, str] = {}
-    for _, raw in read_raw_records(records_uri):
-        if isinstance(raw, dict) and isinstance(raw.get("id"), str) and raw["id"] not in labels:
-            labels[raw["id"]] = "/".join(str(raw.get(field, "-")) for field in fields)
+    labels = {item.id: "/".join(str(raw.get(field, "-")) for field in fields)
+              for _, raw, item in accepted_records(records_uri) if isinstance(item, Record)}
     ids = selection.column(schema.SAMPLE_ID).to_pylist()
     label = np.array([labels.get(i, "-") for i in ids])
     cluster = selection.column(schema.CLUSTER).to_numpy()
@@ -210,7 +247,16 @@ figure { display: inline-block; margin: 1em 1em 1em 0; } figcaption { font-size:
 
 
 def table(rows: dict) -> str:
-    return "<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+    """Key/value rows; a value that is itself a mapping becomes a table in its cell (e.g.
+    rejected records by reason), a list one line per item, and an empty one a dash."""
+    def cell(value) -> str:
+        if isinstance(value, dict):
+            return table(value) if value else "-"
+        if isinstance(value, (list, tuple)):
+            return "<br>".join(html.escape(str(item)) for item in value) if value else "-"
+        return html.escape(str(value))
+
+    return "<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{cell(v)}</td></tr>"
                                for k, v in rows.items()) + "</table>"
 
 

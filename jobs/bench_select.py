@@ -72,8 +72,6 @@ def prefix_vs_naive(n: int, d: int, count: int, runs: int) -> None:
 
 MEMORY_CHILD = """
 import resource, sys, time, numpy as np
-from benchkit import best_of
-
 from coincide_ray.select import greedy_mmd_order
 n, d, top = map(int, sys.argv[1:4])
 x = np.random.default_rng(2).standard_normal((n, d)).astype(np.float32) * 0.1

@@ -11,6 +11,7 @@ deterministic and the sums are exact, the result is the same bits as the in-memo
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ import ray
 
 from coincide_ray import embeddings, io
 from coincide_ray.arrays import unit_rows
+from coincide_ray.holds import hold, hold_point
 from coincide_ray.cluster.kmeans import (
     CentroidIndex,
     KMeansResult,
@@ -42,6 +44,24 @@ def chunks(count: int, dim: int):
     """Slices over `count` rows of `dim` floats, CHUNK_BYTES at a time."""
     step = max(256, CHUNK_BYTES // (4 * max(dim, 1)))
     return (slice(start, start + step) for start in range(0, count, step))
+
+
+class KMeansGauges:
+    """k-means progress on Ray's metrics API (the dashboard, and Prometheus scraping the
+    cluster): iterations done, the share of the run done, and seconds per iteration."""
+
+    def __init__(self, iterations: int):
+        from ray.util.metrics import Gauge
+
+        self.iterations = iterations
+        self.done = Gauge("coincide_kmeans_iterations_done", description="Lloyd iterations finished")
+        self.progress = Gauge("coincide_kmeans_progress", description="share of the Lloyd iterations finished")
+        self.seconds = Gauge("coincide_kmeans_seconds_per_iteration", description="seconds of the last iteration")
+
+    def set(self, done: int, seconds: float) -> None:
+        self.done.set(done)
+        self.progress.set(done / max(self.iterations, 1))
+        self.seconds.set(seconds)
 
 
 def as_completed(refs: list):
@@ -153,9 +173,10 @@ class ShardSet:
         return self.verdict.dim
 
     @staticmethod
-    def load(source, workers: int = 0, stage: str = "select") -> "ShardSet":
+    def load(source, workers: int = 0, stage: str = "select", dim: int | None = None) -> "ShardSet":
         """Start workers over the embeddings files (a folder URI or a list of files), judge
-        every row on the driver, and leave the accepted rows on the workers."""
+        every row on the driver (`dim`: the dimension the embed stage recorded, else the
+        majority's), and leave the accepted rows on the workers."""
         files = io.list_files(source, (".parquet",)) if isinstance(source, str) else list(source)
         cpus = float(ray.cluster_resources().get("CPU", 1))
         count = max(1, min(len(files), workers or int(cpus)))
@@ -164,16 +185,16 @@ class ShardSet:
         # for the scoring tasks that run beside them (a deadlock), so each reserves a quarter.
         actors = [ShardWorker.options(num_cpus=SHARD_CPUS).remote(group) for group in groups]
         try:
-            return ShardSet._judge_and_keep(actors, stage)
+            return ShardSet._judge_and_keep(actors, stage, dim)
         except BaseException:
             for actor in actors:  # nobody else holds them yet
                 ray.kill(actor)
             raise
 
     @staticmethod
-    def _judge_and_keep(actors: list, stage: str) -> "ShardSet":
+    def _judge_and_keep(actors: list, stage: str, dim: int | None) -> "ShardSet":
         reports = ray.get([a.scan.remote() for a in actors])
-        verdict = embeddings.judge([r for group in reports for r in group], stage)
+        verdict = embeddings.judge([r for group in reports for r in group], stage, dim)
         masks = iter(verdict.accepted)
         next_index = 0
         per_actor = []
@@ -209,12 +230,19 @@ class ShardSet:
             fitted = np.flatnonzero(sample_mask(self.n, sample_fraction, seed))
             picks, filler = initial_draw(len(fitted), self.dim, k, seed)
             centroids = np.concatenate([self.unit_rows_at(fitted[picks]), filler]).astype(np.float32)
+        hold_at = hold_point("kmeans-iteration")
+        gauges = KMeansGauges(iterations)
+        gauges.set(0, 0.0)
         for done in range(iterations):
+            if done == hold_at:
+                hold(f"k-means before iteration {done}")
+            began = time.perf_counter()
             shared = ray.put(centroids)  # sent once per iteration, read by every shard
             stats = PartialSums.combine(as_completed([w.step.remote(shared, fit) for w in self.workers]))
             m = spare_needed(stats.counts)
             spare = Spare.combine(ray.get([w.spare.remote(m) for w in self.workers]), m) if m else None
             centroids = update_centroids(stats, spare, centroids)
+            gauges.set(done + 1, time.perf_counter() - began)
             if progress and (done + 1) % max(1, iterations // 10) == 0:
                 empty = int((stats.counts == 0).sum())
                 progress(f"k-means {'[' + '#' * (24 * (done + 1) // iterations)}"

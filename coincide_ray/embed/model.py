@@ -17,31 +17,28 @@ class ModelError(ValueError):
     """The checkpoint cannot be used (one line, for the user)."""
 
 
-def model_files(uri: str) -> list[tuple[str, int, str]]:
-    """(relative name, size, content tag) of every file of the checkpoint, sorted.
-
-    The tag is the object's ETag on S3 (a content hash for single-part uploads) and
-    size + modification time locally; hashing gigabytes on every start would cost more."""
+def model_files(uri: str) -> list[tuple[str, int]]:
+    """(relative name, size) of every file of the checkpoint, sorted."""
     fs, root = io.resolve(uri)
     if not fs.exists(root) or not fs.isdir(root):
         raise ModelError(f"no checkpoint folder at {uri}")
     entries = []
     for path, info in sorted(fs.find(root, detail=True).items()):
-        name = path[len(root.rstrip("/")) + 1 :]
-        tag = str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or "")
-        entries.append((name, int(info.get("size") or 0), tag.strip('"')))
-    if not any(name.endswith(".safetensors") for name, _, _ in entries):
+        entries.append((path[len(root.rstrip("/")) + 1 :], int(info.get("size") or 0)))
+    if not any(name.endswith(".safetensors") for name, _ in entries):
         raise ModelError(f"{uri} holds no .safetensors weights; pickled weights (.bin, .pt) are refused")
-    if not any(name == "config.json" for name, _, _ in entries):
+    if not any(name == "config.json" for name, _ in entries):
         raise ModelError(f"{uri} has no config.json: not a Hugging Face checkpoint folder")
     return entries
 
 
 def fingerprint(uri: str) -> str:
-    """sha256 over the checkpoint's file names, sizes and content tags."""
+    """sha256 over the checkpoint's file names and content digests (io.digest: the ETag on
+    S3, a sha256 locally, remembered while the file is unchanged). A byte-identical copy
+    has the same fingerprint; a file changed in place, even to the same size and time, not."""
     digest = hashlib.sha256()
-    for name, size, tag in model_files(uri):
-        digest.update(f"{name}\0{size}\0{tag}\n".encode())
+    for name, _ in model_files(uri):
+        digest.update(f"{name}\0{io.digest(io.join(uri, name))}\n".encode())
     return digest.hexdigest()
 
 
@@ -60,7 +57,7 @@ def local_copy(uri: str, cache: str) -> Path:
         if not done.exists():
             partial = Path(str(folder) + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
-            for name, _, _ in model_files(uri):
+            for name, _ in model_files(uri):
                 target = partial / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 fs.get_file(f"{root.rstrip('/')}/{name}", str(target))
@@ -90,7 +87,7 @@ class LoadedModel:
 def load_model(uri: str, config: EmbedConfig, device: str | None = None) -> LoadedModel:
     """The model (eval mode, on `device`) and its processor, from safetensors only."""
     import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     folder = local_copy(uri, config.model_cache)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -107,10 +104,29 @@ def load_model(uri: str, config: EmbedConfig, device: str | None = None) -> Load
     except ValueError as error:
         raise ModelError(f"{uri} is not an image-text-to-text checkpoint ({type(hf_config).__name__}): "
                          f"{str(error).splitlines()[0]}") from None
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=remote)
+    return LoadedModel(model.to(device).eval(), load_processor(uri, config), device)
+
+
+def load_processor(uri: str, config: EmbedConfig):
+    """The checkpoint's processor (tokenizer + image processor + chat template); ModelError
+    in one line when it cannot be loaded or cannot render a conversation with an image.
+    The driver calls this before anything is written under the output."""
+    from transformers import AutoProcessor
+
+    folder = local_copy(uri, config.model_cache)
+    try:
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=config.trust_remote_code)
+    except Exception as error:  # transformers raises OSError, ValueError or TypeError here
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ModelError(f"{uri}: its processor cannot be loaded ({type(error).__name__}: {first}); a checkpoint "
+                         "needs its tokenizer and image processor files beside the weights") from None
+    missing = [part for part in ("tokenizer", "image_processor") if getattr(processor, part, None) is None]
+    if missing:
+        raise ModelError(f"{uri}: its processor has no {' or '.join(missing)}; a checkpoint needs its tokenizer "
+                         "and image processor files beside the weights")
     if getattr(processor, "chat_template", None) is None:
         raise ModelError(f"{uri} has no chat template; the conversations cannot be rendered")
-    return LoadedModel(model.to(device).eval(), processor, device)
+    return processor
 
 
 def context_length(folder: str, trust_remote_code: bool = False) -> int:

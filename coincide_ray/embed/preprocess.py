@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from coincide_ray import io
 from coincide_ray.embed.msa import LANGUAGE_START
@@ -97,9 +97,78 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise ValueError("image over the pixel limit")
     try:
         image.load()
+        image = ImageOps.exif_transpose(image)  # shown as the camera meant it, as viewers do
     except (OSError, SyntaxError, Image.DecompressionBombError):
         raise ValueError("truncated or corrupt image") from None
-    return image.convert("RGB")
+    return eight_bit(image).convert("RGB")
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """Pillow's convert("RGB") clips wide pixel values to 255, so a 16-bit or float image
+    would come out white. Integer images are scaled from the range their bit depth gives
+    (16 bits: 0..65535; wider: their own maximum), float images from 0..1 when they lie in
+    it, else from their own maximum."""
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return image
+    pixels = np.asarray(image, dtype=np.float64)
+    pixels = np.where(np.isfinite(pixels), pixels, 0.0)
+    top = float(pixels.max()) if pixels.size else 0.0
+    if image.mode == "F":
+        full = 1.0 if top <= 1.0 else top
+    else:
+        full = 65535.0 if top <= 65535 else top
+        full = 255.0 if image.mode == "I" and top <= 255 else full  # an 8-bit image stored wide
+    scaled = np.clip(pixels / max(full, 1e-12) * 255.0, 0, 255)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
+
+
+def fetch_image(image_root: str | None, record: Record) -> bytes:
+    """The bytes of the record's image; ValueError with a short reason when it cannot be had."""
+    if image_root is None:
+        raise ValueError("record names an image but no --image-root was given")
+    try:
+        return io.read_under(image_root, record.image)
+    except io.OutsideRootError:
+        raise ValueError("image path outside the image root") from None
+    except FileNotFoundError:
+        raise ValueError("missing image file") from None
+    except (PermissionError, OSError) as error:
+        raise ValueError(f"image not readable ({type(error).__name__})") from None
+
+
+@dataclass
+class Fingerprinted:
+    """A block's records with their images fetched: what decides whether a finished block
+    can be reused, and what preparation continues from."""
+
+    rejected: dict[int, Rejection] = field(default_factory=dict)  # position -> why (before the model saw it)
+    fingerprints: dict[int, str] = field(default_factory=dict)  # position -> record fingerprint
+    images: dict[int, bytes | None] = field(default_factory=dict)  # position -> image bytes (None: text-only)
+
+
+def fingerprint_block(items: list[Record | Rejection], image_root: str | None, salt: str) -> Fingerprinted:
+    """Fetch every image of the block and fingerprint every record (coincide_ray.embed.reuse)."""
+    done = Fingerprinted()
+    for position, item in enumerate(items):
+        if isinstance(item, Rejection):
+            done.rejected[position] = item
+            continue
+        try:
+            data = fetch_image(image_root, item) if item.image is not None else None
+        except ValueError as error:
+            done.rejected[position] = Rejection(item.id, STAGE, str(error), item.position)
+            continue
+        done.fingerprints[position] = record_fingerprint(salt, item, data)
+        done.images[position] = data
+    return done
+
+
+def block_signature(ids: list[str], fingerprints: dict, rejected: dict) -> list[tuple]:
+    """Per position: (id, fingerprint) for a fingerprinted record, whose outcome the
+    fingerprint decides (model, layers, content, image bytes and limits); (id, reason,
+    detail) for one rejected before it had a fingerprint."""
+    return [(ids[p], fingerprints[p]) if p in fingerprints else
+            (ids[p], rejected[p].reason, rejected[p].detail) for p in range(len(ids))]
 
 
 class Preprocessor:
@@ -116,18 +185,6 @@ class Preprocessor:
         self.max_image_pixels = max_image_pixels
         self.language_start = template_prefix_tokens(processor)
 
-    def fetch(self, record: Record) -> bytes:
-        if self.image_root is None:
-            raise ValueError("record names an image but no --image-root was given")
-        uri = io.join(self.image_root, record.image)
-        try:
-            data = io.read_bytes(uri)
-        except FileNotFoundError:
-            raise ValueError("missing image file") from None
-        except (PermissionError, OSError) as error:
-            raise ValueError(f"image not readable ({type(error).__name__})") from None
-        return data
-
     def encode(self, prompts: list[str], images: list[Image.Image] | None) -> dict[str, np.ndarray]:
         kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "np", "padding": True}
         if images is not None:
@@ -137,21 +194,18 @@ class Preprocessor:
         return out
 
     def prepare(self, block: int, items: list[Record | Rejection]) -> PreparedBlock:
-        prepared = PreparedBlock(block, [item.id for item in items])
+        fetched = fingerprint_block(items, self.image_root, self.salt)
+        prepared = PreparedBlock(block, [item.id for item in items], rejected=fetched.rejected,
+                                 fingerprints=fetched.fingerprints)
         ready: dict[bool, list[tuple[int, str, Image.Image | None]]] = {True: [], False: []}
-        for position, item in enumerate(items):
-            if isinstance(item, Rejection):
-                prepared.rejected[position] = item
-                continue
+        for position, fingerprint in fetched.fingerprints.items():
+            item, data = items[position], fetched.images[position]
             try:
-                data = self.fetch(item) if item.image is not None else None
-                fingerprint = record_fingerprint(self.salt, item, data)
-                earlier = self.previous.find(fingerprint) if self.previous else None
+                earlier = self.previous.find(fingerprint, item.id) if self.previous else None
                 if earlier:
-                    prepared.fingerprints[position], prepared.reused[position] = fingerprint, earlier
+                    prepared.reused[position] = earlier
                     continue
                 image = decode_image(data, self.max_image_pixels) if data is not None else None
-                prepared.fingerprints[position] = fingerprint
                 prompt = self.processor.apply_chat_template(chat_messages(item), tokenize=False)
             except Exception as error:  # one bad record never takes its block down
                 reason = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"

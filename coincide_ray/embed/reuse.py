@@ -1,8 +1,8 @@
 """Reusing an earlier run's vectors (nightly refresh): record fingerprints and their lookup.
 
-A record's fingerprint is the sha256 of everything its vector depends on: the model's
-fingerprint and the pooled layers (the run's salt), the record's conversations and the
-sha256 of its image bytes. A record of tonight's corpus whose fingerprint an earlier run
+A record's fingerprint is the sha256 of everything its outcome depends on: the model's
+fingerprint, the pooled layers and the image pixel limit (the run's salt), the record's
+conversations and the sha256 of its image bytes. A record of tonight's corpus whose fingerprint an earlier run
 embedded gets that run's vector, copied; only new or changed records go through the model.
 The lookup table is compact (16 bytes of each fingerprint, sorted), so it is sent once to
 every CPU worker.
@@ -21,8 +21,10 @@ from coincide_ray import io, schema
 from coincide_ray.records import Record
 
 
-def run_salt(model_fingerprint: str, layers: tuple[int, ...]) -> str:
-    return f"{model_fingerprint}|{','.join(map(str, layers))}"
+def run_salt(model_fingerprint: str, layers: tuple[int, ...], max_image_pixels: int) -> str:
+    """What every record's outcome depends on beside its own content: the model, the pooled
+    layers, and the pixel limit that decides whether its image is accepted."""
+    return f"{model_fingerprint}|{','.join(map(str, layers))}|{max_image_pixels}"
 
 
 def record_fingerprint(salt: str, record: Record, image_bytes: bytes | None) -> str:
@@ -42,44 +44,61 @@ def _key(fingerprint: str) -> bytes:
     return bytes.fromhex(fingerprint)[:KEY_BYTES]
 
 
+def _id_key(sample_id: str) -> bytes:
+    return hashlib.sha256(sample_id.encode("utf-8", "backslashreplace")).digest()[:8]
+
+
 @dataclass(frozen=True)
 class PreviousVectors:
     """Where an earlier run keeps the vector of each fingerprint it embedded."""
 
     files: list[str]  # its embeddings part files
     keys: np.ndarray  # sorted fingerprint keys, dtype S16
+    ids: np.ndarray  # 8 bytes of the sha256 of the record's id, per key (S8)
     file: np.ndarray  # int32 index into files, per key
     row: np.ndarray  # int32 row in that file, per key
 
     @staticmethod
     def of_run(run: str) -> PreviousVectors:
-        """The vectors of a finished run's output folder (only its fingerprint column is read)."""
+        """The vectors of a finished run's output folder (its ids, fingerprints and reasons
+        are read, not its vectors)."""
         folder = io.join(run, schema.EMBEDDINGS_DIR)
         files = io.list_files(folder, (".parquet",))
-        keys, file, row = [], [], []
+        keys, ids, file, row = [], [], [], []
         for index, path in enumerate(files):
-            if schema.FINGERPRINT not in io.parquet_schema(path).names:
+            names = io.parquet_schema(path).names
+            if schema.FINGERPRINT not in names:
                 continue  # written before fingerprints existed: nothing to reuse from it
-            column = io.read_parquet(path, [schema.FINGERPRINT]).column(schema.FINGERPRINT)
-            rows = np.flatnonzero(pc.is_valid(column).to_numpy(zero_copy_only=False))  # set where embedded
-            values = column.to_pylist()
+            wanted = [schema.SAMPLE_ID, schema.FINGERPRINT] + ([schema.REASON] if schema.REASON in names else [])
+            table = io.read_parquet(path, wanted)
+            embedded = pc.is_valid(table.column(schema.FINGERPRINT))
+            if schema.REASON in names:  # a record rejected after fingerprinting has no vector
+                embedded = pc.and_(embedded, pc.is_null(table.column(schema.REASON)))
+            rows = np.flatnonzero(embedded.to_numpy(zero_copy_only=False))
+            values, names_ = table.column(schema.FINGERPRINT).to_pylist(), table.column(schema.SAMPLE_ID).to_pylist()
             keys += [_key(values[r]) for r in rows]
+            ids += [_id_key(names_[r]) for r in rows]
             file += [index] * len(rows)
             row += rows.tolist()
-        order = np.argsort(np.array(keys, dtype=f"S{KEY_BYTES}"), kind="stable")
-        return PreviousVectors(files, np.array(keys, dtype=f"S{KEY_BYTES}")[order],
+        keys_array = np.array(keys, dtype=f"S{KEY_BYTES}")
+        order = np.argsort(keys_array, kind="stable")
+        return PreviousVectors(files, keys_array[order], np.array(ids, dtype="S8")[order],
                                np.array(file, np.int32)[order], np.array(row, np.int32)[order])
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def find(self, fingerprint: str) -> tuple[str, int] | None:
-        """(part file, row) of the fingerprint's vector, or None."""
+    def find(self, fingerprint: str, sample_id: str) -> tuple[str, int] | None:
+        """(part file, row) of the fingerprint's vector, or None. Among records with the
+        same content the one with the same id is preferred: its own earlier vector, not a
+        twin's, which was computed in another batch and can differ by float rounding."""
         key = _key(fingerprint)
-        at = int(np.searchsorted(self.keys, key))
-        if at < len(self.keys) and self.keys[at] == key:
-            return self.files[int(self.file[at])], int(self.row[at])
-        return None
+        low, high = (int(np.searchsorted(self.keys, key, side=side)) for side in ("left", "right"))
+        if low == high:
+            return None
+        same = np.flatnonzero(self.ids[low:high] == _id_key(sample_id))
+        at = low + (int(same[0]) if len(same) else 0)
+        return self.files[int(self.file[at])], int(self.row[at])
 
 
 def fetch_vectors(wanted: dict[int, tuple[str, int]]) -> dict[int, tuple[np.ndarray, int, int]]:

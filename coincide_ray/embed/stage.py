@@ -5,30 +5,33 @@ canonical order, so block i always holds the same records whatever the cluster l
 A pool of CPU workers prepares blocks (images fetched by key and decoded, chat template
 rendered, tokenised); a pool of model actors (one GPU each where there are GPUs) runs
 extract_msa_embeddings; a writer publishes embeddings/part-<block>.parquet atomically.
-Blocks whose file exists are skipped, so a rerun only does what is missing.
+A block whose file exists is reused only when the file reads back whole and names the same
+records with the same fingerprints (ids, content, image bytes, model, layers): a light CPU
+pass checks that before any model actor starts, so a rerun redoes exactly what changed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from coincide_ray import io, schema
 from coincide_ray.config import EmbedConfig, JobConfig
 from coincide_ray.embed import model as model_io
 from coincide_ray.embed.msa import default_layers, extract_msa_embeddings
-from coincide_ray.embed.preprocess import STAGE, PreparedBlock, Preprocessor
+from coincide_ray.embed.preprocess import STAGE, PreparedBlock, Preprocessor, block_signature, fingerprint_block
 from coincide_ray.embed.reuse import PreviousVectors, fetch_vectors, run_salt
+from coincide_ray.holds import hold, hold_point
 from coincide_ray.manifest import library_versions
-from coincide_ray.records import Record, Rejection, parse_record, read_raw_records
+from coincide_ray.records import Record, Rejection, accepted_records
 
 
 def part_name(block: int) -> str:
@@ -38,16 +41,7 @@ def part_name(block: int) -> str:
 def plan_blocks(input_uri: str, block_records: int) -> list[list[Record | Rejection]]:
     """Every input record, parsed and checked, cut into blocks in canonical order.
     Later copies of an id are rejected here, where every id is seen."""
-    items: list[Record | Rejection] = []
-    first: dict[str, str] = {}
-    for position, raw in read_raw_records(input_uri):
-        item = parse_record(raw, position)
-        if isinstance(item, Record):
-            if item.id in first:
-                item = Rejection(item.id, "read", "duplicate id", f"{position}; first at {first[item.id]}")
-            else:
-                first[item.id] = position
-        items.append(item)
+    items = [item for _, _, item in accepted_records(input_uri)]
     return [items[start : start + block_records] for start in range(0, len(items), block_records)]
 
 
@@ -55,10 +49,8 @@ class PrepareWorker:
     """Ray Data UDF (CPU actor): a block's records -> model-ready batches."""
 
     def __init__(self, model_uri: str, embed: EmbedConfig, image_root: str | None, salt: str, previous):
-        from transformers import AutoProcessor
-
         folder = model_io.local_copy(model_uri, embed.model_cache)
-        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=embed.trust_remote_code)
+        processor = model_io.load_processor(model_uri, embed)
         if isinstance(previous, ray.ObjectRef):
             previous = ray.get(previous)
         self.preprocessor = Preprocessor(processor, image_root=image_root, batch_size=embed.batch_size,
@@ -129,20 +121,32 @@ class EmbeddedBlock:
     truncated: list[int]  # positions cut to the model's context
 
     def table(self) -> pa.Table:
-        """Every record of the block, in block order; rejected ones with a null embedding."""
+        """Every record of the block, in block order; rejected ones with a null embedding.
+        Every record that was fingerprinted keeps its fingerprint, rejected or not: a rerun
+        compares them to decide whether the block can be reused."""
         n = len(self.ids)
-        vectors = [None if p in self.rejected or self.vectors[p] is None else self.vectors[p].tolist()
-                   for p in range(n)]
-        fingerprints = [self.fingerprints.get(p) if vectors[p] is not None else None for p in range(n)]
+        present = [p not in self.rejected and self.vectors[p] is not None for p in range(n)]
 
         def why(field: str) -> list:
             return [getattr(self.rejected[p], field) if p in self.rejected else None for p in range(n)]
 
         return pa.table({
-            schema.SAMPLE_ID: self.ids, schema.EMBEDDING: vectors,
+            schema.SAMPLE_ID: self.ids, schema.EMBEDDING: vector_column(self.vectors, present),
             schema.IMAGE_TOKENS: self.image_tokens, schema.TEXT_TOKENS: self.text_tokens,
-            schema.FINGERPRINT: fingerprints, schema.STAGE: why("stage"), schema.REASON: why("reason"), schema.DETAIL: why("detail"),
+            schema.FINGERPRINT: [self.fingerprints.get(p) for p in range(n)],
+            schema.STAGE: why("stage"), schema.REASON: why("reason"), schema.DETAIL: why("detail"),
         }, schema=schema.EMBEDDINGS)
+
+
+def vector_column(vectors: list, present: list[bool]) -> pa.Array:
+    """list<float32> with a null where a record has no vector, built from one flat float32
+    buffer: no Python float object per value (D = 20,480 makes 1.3 million per block)."""
+    rows = [np.asarray(vectors[p], np.float32) for p in range(len(present)) if present[p]]
+    flat = np.concatenate(rows) if rows else np.zeros(0, np.float32)
+    lengths = np.array([len(vectors[p]) if present[p] else 0 for p in range(len(present))], np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    mask = pa.array([not p for p in present], pa.bool_())
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float32()), mask=mask)
 
 
 _COUNTERS: dict = {}
@@ -166,9 +170,13 @@ def progress_bar(done: int, total: int, width: int = 24) -> str:
     return "[" + "#" * filled + "-" * (width - filled) + f"] {done}/{total}"
 
 
-def write_block(row: dict, output: str) -> dict:
-    """Publish one block's file; returns the counts the driver shows and totals."""
+def write_block(row: dict, output: str, hold_from: int | None = None) -> dict:
+    """Publish one block's file; returns the counts the driver shows and totals.
+    `hold_from` (tests only, coincide_ray.holds): blocks from that number on are never
+    published."""
     result: EmbeddedBlock = row["result"]
+    if hold_from is not None and result.block >= hold_from:
+        hold(f"block {result.block} not published")
     for position, (vector, image, text) in fetch_vectors(result.reused).items():
         result.vectors[position] = vector
         result.image_tokens[position], result.text_tokens[position] = image, text
@@ -222,7 +230,7 @@ def check_provenance(config: JobConfig, hidden: int, output: str) -> dict:
     model, layers and blocking (reusing them otherwise would mix incompatible vectors)."""
     wanted = provenance(config, hidden)
     path = io.join(output, schema.PROVENANCE_PATH)
-    if io.exists(path):
+    if io.exists(path) and part_files(output):  # a provenance with no block written pins nothing
         found = io.read_json(path)
         keys = ("model_fingerprint", "layers", "dimension", "block_records")
         changed = [k for k in keys if found.get(k) != wanted[k]]
@@ -257,6 +265,47 @@ def plan_pool(embed: EmbedConfig) -> Pool:
     return pool
 
 
+def part_files(output: str) -> dict[str, str]:
+    """{file name: uri} of the part files under output/embeddings."""
+    try:
+        return {uri.rsplit("/", 1)[-1]: uri for uri in io.list_files(io.join(output, schema.EMBEDDINGS_DIR),
+                                                                     (".parquet",))}
+    except FileNotFoundError:
+        return {}
+
+
+def part_signature(uri: str, dimension: int) -> tuple[list[tuple], int] | None:
+    """(block_signature, rejected records) of a finished part file, or None when it does not
+    read back whole (truncated, corrupt, another schema, a vector of the wrong length): then
+    the block is redone."""
+    try:
+        table = io.read_parquet(uri)
+    except io.InputFormatError:
+        return None
+    if not set(schema.EMBEDDINGS.names) <= set(table.schema.names):
+        return None
+    columns = {name: table.column(name).to_pylist() for name in (schema.SAMPLE_ID, schema.FINGERPRINT,
+                                                                 schema.REASON, schema.DETAIL)}
+    lengths = pc.list_value_length(table.column(schema.EMBEDDING)).to_numpy(zero_copy_only=False)
+    if any(length == length and length != dimension for length in lengths):  # NaN: a null vector
+        return None
+    signature = [(sample_id, fingerprint) if fingerprint else (sample_id, reason, detail)
+                 for sample_id, fingerprint, reason, detail in zip(*columns.values())]
+    return signature, sum(reason is not None for reason in columns[schema.REASON])
+
+
+def check_block(row: dict, output: str, image_root: str | None, salt: str, dimension: int) -> dict:
+    """Whether the block's finished part file can be reused: it reads back whole and holds
+    the same records with the same fingerprints. Fetches the block's images (to hash them),
+    never runs the model. Returns the counts write_block would have given."""
+    items = row["items"]
+    fetched = fingerprint_block(items, image_root, salt)
+    wanted = block_signature([item.id for item in items], fetched.fingerprints, fetched.rejected)
+    found = part_signature(io.join(output, schema.EMBEDDINGS_DIR, part_name(row["block"])), dimension)
+    return {"block": row["block"], "unchanged": found is not None and found[0] == wanted, "records": len(items),
+            "rejected": found[1] if found else 0}
+
+
 def run_embed(config: JobConfig, progress=print) -> EmbedResult:
     """Embed every record under config.input into config.output/embeddings."""
     for key in ("input", "model"):
@@ -265,19 +314,29 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
     start = time.perf_counter()
     out = config.output
     config, hidden = resolve_layers(config)
+    model_io.load_processor(config.model, config.embed)  # a broken checkpoint fails here, before any write
     made = check_provenance(config, hidden, out)
-    salt = run_salt(made["model_fingerprint"], config.layers)
-    progress(f"embed: model {config.model}, layers {list(config.layers)}, dimension {2 * len(config.layers) * hidden}")
+    dimension = 2 * len(config.layers) * hidden
+    salt = run_salt(made["model_fingerprint"], config.layers, config.embed.max_image_pixels)
+    progress(f"embed: model {config.model}, layers {list(config.layers)}, dimension {dimension}")
     blocks = plan_blocks(config.input, config.embed.block_records)
     records = sum(len(b) for b in blocks)
-    done = set()
-    try:
-        done = {os.path.basename(p) for p in io.list_files(io.join(out, schema.EMBEDDINGS_DIR), (".parquet",))}
-    except FileNotFoundError:  # no block written yet
-        pass
-    pending = [i for i in range(len(blocks)) if part_name(i) not in done]
-    progress(f"embed: {records} records in {len(blocks)} blocks; {len(blocks) - len(pending)} blocks already done")
+    existing = part_files(out)
+    unchanged = {}
+    candidates = [i for i in range(len(blocks)) if part_name(i) in existing]
+    if candidates:
+        progress(f"embed: checking {len(candidates)} finished block(s) against the input (ids, content, images)")
+        checks = ray.data.from_items([{"block": i, "items": blocks[i]} for i in candidates],
+                                     override_num_blocks=len(candidates))
+        checks = checks.map(check_block, fn_kwargs={"output": out, "image_root": config.image_root, "salt": salt,
+                                                    "dimension": dimension}, num_cpus=0.25)
+        unchanged = {c["block"]: c for c in checks.iter_rows() if c["unchanged"]}
+    pending = [i for i in range(len(blocks)) if i not in unchanged]
+    progress(f"embed: {records} records in {len(blocks)} blocks; {len(unchanged)} finished and unchanged, "
+             f"{len(pending)} to embed")
     embedded = reused = truncated = 0
+    for check in unchanged.values():
+        reused += check["records"] - check["rejected"]
     if pending:
         previous = None
         if config.previous:
@@ -290,7 +349,7 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
                     concurrency=pool.preparers, num_cpus=1)
         ds = ds.map(ModelWorker, fn_constructor_args=(config.model, config.embed, config.layers, pool.threads),
                     concurrency=pool.actors, num_gpus=pool.gpus, num_cpus=0 if pool.gpus else 1)
-        ds = ds.map(write_block, fn_kwargs={"output": out}, num_cpus=0.25)
+        ds = ds.map(write_block, fn_kwargs={"output": out, "hold_from": hold_point("embed-block")}, num_cpus=0.25)
         began = time.perf_counter()
         for finished, summary in enumerate(ds.iter_rows(), start=1):
             embedded += summary["records"] - summary["rejected"] - summary["reused"]
@@ -303,6 +362,10 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
                      f"block {summary['block']} written: reused {summary['reused']}, rejected {summary['rejected']} "
                      f"{summary['reasons'] if summary['rejected'] else ''}".rstrip())
     listing = sorted(part_name(i) for i in range(len(blocks)))
+    for name, uri in part_files(out).items():
+        if name not in listing:  # a block of an earlier, longer input: not part of this one
+            io.remove(uri)
+            progress(f"embed: removed {name}, a block the input no longer has")
     io.write_json({"parts": listing, "records": records}, io.join(out, schema.EMBEDDINGS_DONE_PATH))
-    return EmbedResult(len(blocks), len(blocks) - len(pending), records, embedded, reused, truncated,
+    return EmbedResult(len(blocks), len(unchanged), records, embedded, reused, truncated,
                        time.perf_counter() - start)

@@ -4,14 +4,15 @@ import numpy as np
 import pyarrow as pa
 
 from coincide_ray import schema
-from coincide_ray.report import bars, label_figures, scatter
+from coincide_ray.report import bars, label_figures, scatter, table
 
 
 def test_label_figures_match_a_direct_count(tmp_path):
     rng = np.random.default_rng(0)
     n = 300
-    records = [{"id": f"r{i}", "concept": ["a", "b", "c"][i % 3], "skill": ["x", "y"][rng.integers(2)]}
-               for i in range(n)]
+    turns = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+    records = [{"id": f"r{i}", "conversations": turns, "concept": ["a", "b", "c"][i % 3],
+                "skill": ["x", "y"][rng.integers(2)]} for i in range(n)]
     (tmp_path / "records.json").write_text(json.dumps(records))
     cluster = rng.integers(0, 5, n)
     selected = rng.random(n) < 0.2
@@ -35,3 +36,46 @@ def test_plots_are_svg_with_marks_and_say_when_empty():
     assert svg.count("<rect") == 3 and 'class="plot"' in svg
     assert scatter(np.array([1.0, np.nan]), np.array([2.0, 3.0]), "t", "x", "y").count("<circle") == 1
     assert "(no data)" in scatter(np.zeros(0), np.zeros(0), "t", "x", "y")
+
+
+def test_nested_figures_are_tables_not_python_reprs():
+    page = table({"rejected_by_reason": {"missing image file": 3, "not an image": 1}, "warnings": ["a", "b"],
+                  "budget": 7, "empty": {}})
+    assert "{" not in page and "[" not in page
+    assert "<tr><th>missing image file</th><td>3</td></tr>" in page and "a<br>b" in page
+
+
+def test_the_projection_reads_only_its_sample_of_vectors(tmp_path, monkeypatch):
+    """Whole embeddings files are never read or turned into Python lists: at D = 20,480 that
+    took 11 GB and most of a run's time. Every vector the report reads is counted."""
+    import pyarrow.parquet as pq
+
+    from coincide_ray import io, report
+    from coincide_ray.synthetic import planted_embeddings
+
+    x, _ = planted_embeddings(900, num_layers=2, hidden=8, seed=1)
+    ids = [f"r{i}" for i in range(900)]
+    for part in range(3):  # small row groups: rows that are not sampled are not even decoded
+        pq.write_table(schema.embeddings_table(ids[part * 300:(part + 1) * 300], x[part * 300:(part + 1) * 300]),
+                       tmp_path / f"part-{part}.parquet", row_group_size=50)
+    selection = pa.table({schema.SAMPLE_ID: ids, schema.CLUSTER: np.zeros(900, np.int64),
+                          schema.RANK: np.zeros(900, np.int64), schema.SELECTED: np.arange(900) % 5 == 0})
+    read = []
+    for name in ("read_parquet", "read_parquet_rows"):
+        original = getattr(io, name)
+
+        def counting(*args, _original=original, **kwargs):
+            table = _original(*args, **kwargs)
+            if schema.EMBEDDING in table.schema.names:
+                read.append(table.num_rows)
+            return table
+
+        monkeypatch.setattr(io, name, counting)
+    monkeypatch.setattr(report, "SAMPLE_ROWS", 120)
+    got_ids, vectors = report.embedding_sample(str(tmp_path), selection, rows=120)
+    assert sum(read) == 120 and vectors.shape == (120, 32) and vectors.dtype == np.float32
+    position = {sample_id: i for i, sample_id in enumerate(ids)}
+    assert np.array_equal(vectors, x[[position[i] for i in got_ids]])  # the right rows, in order
+    assert got_ids == sorted(got_ids, key=position.get)
+    svg = report.projection(str(tmp_path), selection)
+    assert svg.count("<circle") == 120 and sum(read) == 240
