@@ -1,6 +1,7 @@
 """kill -9 of the driver in the middle of a run, then the same command again: the run
 completes, finished embedding blocks are not rewritten, and the outputs equal those of an
-uninterrupted run."""
+uninterrupted run. The driver is parked at a known point first (coincide_ray.holds), so
+no timing decides where it dies."""
 
 import os
 import signal
@@ -16,24 +17,28 @@ from test_embed_stage import job_yaml
 from coincide_ray import io, schema
 from coincide_ray.cli import main
 from coincide_ray.corpus import write_corpus
+from coincide_ray.holds import VARIABLE
 
 CONTRACT = [schema.CENTROIDS_PATH, schema.ASSIGNMENTS_PATH, schema.SUMMARY_PATH, schema.SELECTION_PATH,
             schema.REJECTED_PATH]
 
 
-def start_driver(argv: list[str], log) -> subprocess.Popen:
-    """`coincide-ray ...` in its own process group, joined to the test session's Ray."""
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+def start_driver(argv: list[str], log, hold: str) -> subprocess.Popen:
+    """`coincide-ray ...` in its own process group, joined to the test session's Ray, held
+    at `hold` (coincide_ray.holds)."""
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, VARIABLE: hold}
     return subprocess.Popen([sys.executable, "-m", "coincide_ray.cli", *argv], env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def kill_when(process: subprocess.Popen, ready, timeout: float = 240) -> None:
+def kill_when(process: subprocess.Popen, ready, timeout: float = 600) -> None:
+    """Wait (the deadline only guards a hang) until `ready()`, then kill -9 the driver's
+    process group. The run is held, so nothing moves on while the test waits."""
     deadline = time.monotonic() + timeout
     while not ready():
         assert process.poll() is None, "the driver ended before it could be killed"
         assert time.monotonic() < deadline, "the driver never reached the point to kill it at"
-        time.sleep(0.02)
+        time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
 
@@ -55,11 +60,14 @@ def test_driver_killed_mid_embedding(tmp_path, tiny_model):
     def written() -> list[str]:
         return sorted(p for p in os.listdir(parts) if p.endswith(".parquet")) if os.path.isdir(parts) else []
 
-    with open(tmp_path / "driver.log", "wb") as log:
-        kill_when(start_driver([*argv, "--output", killed], log), lambda: len(written()) >= 3)
+    log_path = tmp_path / "driver.log"
+    with open(log_path, "wb") as log:  # blocks 0-2 are published, every later one is held
+        kill_when(start_driver([*argv, "--output", killed], log, "embed-block:3"),
+                  lambda: len(written()) == 3 and b"test hold: block" in log_path.read_bytes())
     survivors = {p: (os.stat(os.path.join(parts, p)).st_mtime_ns, open(os.path.join(parts, p), "rb").read())
                  for p in written()}
-    assert 3 <= len(survivors) < 18 and not io.exists(io.join(killed, schema.MANIFEST_PATH))
+    assert sorted(survivors) == [f"part-{i:06d}.parquet" for i in range(3)]
+    assert not io.exists(io.join(killed, schema.MANIFEST_PATH))
 
     assert main([*argv, "--output", killed]) == 0
     for name, (mtime, data) in survivors.items():  # reused unchanged, not rewritten
@@ -82,9 +90,8 @@ def test_driver_killed_mid_kmeans(tmp_path):
     killed = str(tmp_path / "killed")
     log_path = tmp_path / "driver.log"
     with open(log_path, "wb") as log:
-        driver = start_driver([*argv, "--output", killed], log)
-        kill_when(driver, lambda: b"accepted" in log_path.read_bytes())  # the shards are loaded: k-means runs
-    time.sleep(0.5)
+        driver = start_driver([*argv, "--output", killed], log, "kmeans-iteration:200")
+        kill_when(driver, lambda: b"test hold: k-means before iteration 200" in log_path.read_bytes())
     assert not io.exists(io.join(killed, schema.ASSIGNMENTS_PATH))
 
     assert main([*argv, "--output", killed]) == 0

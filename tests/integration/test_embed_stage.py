@@ -1,16 +1,16 @@
 import json
 import os
+from io import BytesIO
 
+import naive
 import numpy as np
 import pytest
+from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from coincide_ray import io, schema
 from coincide_ray.cli import main
 from coincide_ray.corpus import BROKEN_REASONS, write_corpus
-from coincide_ray.embed.msa import extract_msa_embeddings
-from coincide_ray.embed.preprocess import Preprocessor
-from coincide_ray.records import parse_record
 
 LAYERS = "1,3,4"
 
@@ -64,17 +64,23 @@ def test_run_from_records_to_selection(storage, tmp_path, tiny_model, ray_sessio
     assert selection["sample_id"] == good  # canonical order
     assert sum(selection["selected"]) == int(0.3 * len(good))
 
-    # the pipeline's vectors are the core's vectors on the same records
+    # the pipeline's vectors are the naive reference's (tests/naive.py: its own decoder lookup,
+    # the full forward, loops) on rows built here from the record and its image file, one at a time
     vectors = embeddings_by_id(out)
     hf = AutoModelForImageTextToText.from_pretrained(tiny_model, use_safetensors=True).eval()
-    pre = Preprocessor(AutoProcessor.from_pretrained(tiny_model), image_root=io.join(storage, "corpus"),
-                       batch_size=4, max_image_pixels=10**7)
-    sample = [parse_record(r, f"check#{i}") for i, r in enumerate(records[:6])]
-    prepared = pre.prepare(0, sample)
-    for batch in prepared.batches:
-        direct = extract_msa_embeddings(hf, batch.inputs, [1, 3, 4])
-        for k, position in enumerate(batch.positions):
-            assert np.allclose(vectors[sample[position].id], direct[k], atol=1e-5)
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    checked = 0
+    for record in [r for r in records if r.get("image") and r["concept"] != "broken"][:4]:
+        question, answer = (turn["value"] for turn in record["conversations"][:2])
+        messages = [{"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": question.replace("<image>", "").strip()}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        picture = Image.open(BytesIO(io.read_bytes(io.join(storage, "corpus", record["image"])))).convert("RGB")
+        row = processor(text=[processor.apply_chat_template(messages, tokenize=False)], images=[picture],
+                        return_tensors="pt")
+        assert np.allclose(vectors[record["id"]], naive.msa_vector(hf, row, [1, 3, 4]), atol=1e-5)
+        checked += 1
+    assert checked == 4
     provenance = io.read_json(io.join(out, schema.PROVENANCE_PATH))
     assert provenance["dimension"] == 2 * 3 * 32 and provenance["layers"] == [1, 3, 4]
     manifest = io.read_json(io.join(out, schema.MANIFEST_PATH))

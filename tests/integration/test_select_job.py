@@ -46,7 +46,7 @@ def test_select_writes_the_contract(storage):
 
 
 def test_yaml_config_and_flag_override(storage, tmp_path):
-    emb_uri, *_ = write_corpus(storage, n=120)
+    emb_uri, vectors, _, accepted_rows, _ = write_corpus(storage, n=120)
     config = tmp_path / "job.yaml"
     config.write_text("layers: [3, 7]\ncluster:\n  clusters: 3\n  iterations: 5\nselect:\n  fraction: 0.5\n")
     out = io.join(storage, "yaml-run")
@@ -55,7 +55,12 @@ def test_yaml_config_and_flag_override(storage, tmp_path):
     manifest = io.read_json(io.join(out, schema.MANIFEST_PATH))
     assert manifest["config"]["select"]["fraction"] == 0.1
     assert manifest["config"]["cluster"]["clusters"] == 3
-    assert manifest["counts"]["selected"] <= int(0.1 * 117)
+    x = vectors[accepted_rows]  # the flag's fraction (0.1), the file's K and iterations
+    km = spherical_kmeans(x, 3, iterations=5, seed=1234)
+    core = select_from_clusters(x, km.assignments, km.centroids, num_layers=2, fraction=0.1)
+    assert len(core.selected) > 0 and manifest["counts"]["selected"] == len(core.selected)
+    selection = io.read_parquet(io.join(out, schema.SELECTION_PATH)).column(schema.SELECTED).to_pylist()
+    assert list(np.flatnonzero(selection)) == list(core.selected)
 
 
 @pytest.mark.parametrize("argv, message", [

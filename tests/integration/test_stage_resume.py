@@ -105,13 +105,24 @@ def test_files_from_another_attempt_are_not_taken_as_finished(tmp_path):
 
 
 def test_changed_settings_redo_what_they_affect(tmp_path):
-    emb_uri, *_ = write_corpus(str(tmp_path), n=300)
+    emb_uri, vectors, _, accepted, _ = write_corpus(str(tmp_path), n=300)
+    x = vectors[accepted]
     config = base_config(str(tmp_path), emb_uri, fraction=0.25)
     run(config)
+    centroids = io.read_bytes(io.join(config.output, schema.CENTROIDS_PATH))
     _, messages = run(dataclasses.replace(config, select=SelectConfig(fraction=0.25, sigma=0.5)))
     assert "k-means already finished" in messages[0] and started_workers(messages)
+    _, core = core_selection(x, 6, 0.25, sigma=0.5)
+    assert selected_rows(config.output) == list(core.selected)
+    summary = io.read_parquet(io.join(config.output, schema.SUMMARY_PATH)).column("density").to_numpy()
+    assert np.allclose(summary, core.clusters.density, equal_nan=True)  # densities of the new kernel width
+    assert io.read_bytes(io.join(config.output, schema.CENTROIDS_PATH)) == centroids
     _, messages = run(dataclasses.replace(config, cluster=dataclasses.replace(config.cluster, seed=99)))
     assert any(m.startswith("k-means: K=6") for m in messages)
+    km = spherical_kmeans(x, 6, iterations=8, seed=99)
+    assert np.array_equal(io.read_npy(io.join(config.output, schema.CENTROIDS_PATH)), km.centroids)
+    core = select_from_clusters(x, km.assignments, km.centroids, num_layers=2, fraction=0.25)
+    assert selected_rows(config.output) == list(core.selected)
 
 
 def test_warm_start_begins_from_the_previous_centroids(tmp_path):
@@ -131,3 +142,36 @@ def test_warm_start_begins_from_the_previous_centroids(tmp_path):
     _, messages = run(dataclasses.replace(warm, output=str(tmp_path / "other-k"),
                                           cluster=dataclasses.replace(warm.cluster, clusters=5)))
     assert any("warm start skipped" in m for m in messages)
+
+
+def test_a_new_similarity_mask_rebudgets_with_new_transferability(tmp_path):
+    """The rankings still serve (same clusters, same kernel width), but transferability
+    depends on the mask: it is recomputed from the centroids, not taken from the summary."""
+    emb_uri, vectors, _, accepted, _ = write_corpus(str(tmp_path), n=300)
+    config = base_config(str(tmp_path), emb_uri, fraction=0.25)
+    run(config)
+    manifest, messages = run(dataclasses.replace(config, select=SelectConfig(fraction=0.25, similarity_mask=0.2)))
+    assert not started_workers(messages) and any("re-budgeted" in m for m in messages)
+    _, core = core_selection(vectors[accepted], 6, 0.25, similarity_mask=0.2)
+    _, before = core_selection(vectors[accepted], 6, 0.25)
+    assert not np.array_equal(core.clusters.transferability, before.clusters.transferability)
+    summary = io.read_parquet(io.join(config.output, schema.SUMMARY_PATH)).column("transferability").to_numpy()
+    assert np.allclose(summary, core.clusters.transferability)
+    assert selected_rows(config.output) == list(core.selected)
+
+
+def test_warm_start_falls_back_to_the_seeded_draw_when_the_centroids_do_not_fit(tmp_path):
+    emb_uri, vectors, _, accepted, _ = write_corpus(str(tmp_path), n=300)
+    first = base_config(str(tmp_path), emb_uri, fraction=0.25)
+    run(first)
+    cold = spherical_kmeans(vectors[accepted], 6, iterations=8, seed=1234).centroids
+    warm = dataclasses.replace(first, previous=first.output,
+                               cluster=dataclasses.replace(first.cluster, warm_start=True))
+    io.write_npy(np.ones((6, 5), np.float32), io.join(first.output, schema.CENTROIDS_PATH))  # another dimension
+    _, messages = run(dataclasses.replace(warm, output=str(tmp_path / "other-dimension")))
+    assert any("previous centroids have dimension 5" in m for m in messages)
+    assert np.array_equal(io.read_npy(str(tmp_path / "other-dimension" / schema.CENTROIDS_PATH)), cold)
+    io.remove(io.join(first.output, schema.CENTROIDS_PATH))  # none at all
+    _, messages = run(dataclasses.replace(warm, output=str(tmp_path / "no-centroids")))
+    assert any("warm start skipped: no" in m for m in messages)
+    assert np.array_equal(io.read_npy(str(tmp_path / "no-centroids" / schema.CENTROIDS_PATH)), cold)

@@ -70,10 +70,12 @@ def test_more_clusters_than_rows_and_duplicates_do_not_crash():
 
 def test_empty_cluster_reseeded_from_worst_row():
     x, _ = planted_embeddings(600, groups=3, seed=3)
+    x = np.abs(x)  # every row in the positive orthant: a centroid pointing away is nearest to none
     xu = unit_rows(x)
     start = initial_centroids(xu, 5, seed=0)
-    start[4] = -start[0]  # likely empty at first
-    r = spherical_kmeans(x, 5, iterations=10)
+    start[4] = -start[0]
+    assert 4 not in assign(xu, start)[0]  # it is: the test exercises reseeding
+    r = spherical_kmeans(x, 5, iterations=10, init=start)
     assert np.bincount(r.assignments, minlength=5).min() > 0
 
 

@@ -1,5 +1,6 @@
 import math
 
+import naive
 import numpy as np
 import pytest
 import torch
@@ -49,30 +50,6 @@ def encode(family, processor, samples, side="right"):
     return processor(text=texts, images=images, return_tensors="pt", padding=True)
 
 
-def naive_vector(model, inputs, layers):
-    """One unpadded row, the full forward, every o_proj captured, pooled with loops."""
-    info = decoder_info(model)
-    captured = {}
-    handles = [info.layers[l].self_attn.o_proj.register_forward_hook(
-        lambda m, a, out, l=l: captured.__setitem__(l, out[0].double())) for l in layers]
-    with torch.no_grad():
-        model(**inputs)
-    for h in handles:
-        h.remove()
-    ids = inputs["input_ids"][0].tolist()
-    image_pos = [i for i, t in enumerate(ids) if t == info.image_token_id]
-    text_pos = [i for i in range(len(ids)) if i > max(image_pos)] if image_pos else list(range(len(ids)))
-    parts = []
-    for l in sorted(layers):
-        for pos in (image_pos, text_pos):
-            if not pos:
-                parts.append(torch.zeros(info.hidden, dtype=torch.float64))
-                continue
-            p = torch.tanh(captured[l][pos].mean(0))
-            parts.append(p / p.norm())
-    return (torch.cat(parts) / math.sqrt(2 * len(layers))).numpy()
-
-
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_matches_naive_single_rows_whatever_the_padding(tiny, side):
     family, model, processor = tiny
@@ -82,7 +59,7 @@ def test_matches_naive_single_rows_whatever_the_padding(tiny, side):
     assert got.shape == (len(SAMPLES), 2 * len(LAYERS) * info.hidden) and got.dtype == np.float32
     for row, sample in enumerate(SAMPLES):
         alone = encode(family, processor, [sample])
-        assert np.allclose(got[row], naive_vector(model, alone, LAYERS), atol=2e-5), (family, side, row)
+        assert np.allclose(got[row], naive.msa_vector(model, alone, LAYERS), atol=2e-5), (family, side, row)
     assert np.allclose(np.linalg.norm(got[[0, 1, 3]], axis=1), 1.0, atol=1e-5)
     # text-only row: vision halves are exactly zero, norm 1/sqrt(2)
     hidden = info.hidden

@@ -49,3 +49,13 @@ def test_centroid_itself_never_counts_even_without_a_mask():
     for mask in (1.0, 2.0):
         expected = naive.transferability(c, 2, mask)
         assert np.allclose(transferability(c, num_layers=2, similarity_mask=mask), expected, rtol=1e-12)
+
+
+def test_a_pair_exactly_at_the_mask_is_kept():
+    """Only pairs *above* the mask are ignored: (1,0,0,0) and (1,1,1,1)/2 have cosine 0.5
+    exactly in floating point, and with the mask at 0.5 that pair still counts."""
+    halves = np.array([[1.0, 0, 0, 0], [0.5, 0.5, 0.5, 0.5], [0, 0, 0, 1.0]])
+    centroids = np.concatenate([np.ones_like(halves), halves], axis=1)  # one layer: [v_0, t_0]
+    got = transferability(centroids, num_layers=1, similarity_mask=0.5)
+    assert list(got) == [0.25, 0.5, 0.25]
+    assert np.array_equal(got, naive.transferability(centroids, 1, 0.5))
