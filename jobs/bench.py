@@ -23,7 +23,7 @@ from pathlib import Path
 from benchkit import report
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_select.py", "bench_kmeans.py", "bench_embed.py", "bench_selection_stage.py"]
+SCRIPTS = ["bench_select.py", "bench_kmeans.py", "bench_embed.py", "bench_selection_stage.py", "bench_real_dimension.py"]
 
 
 def is_figure(line: str) -> bool:
@@ -31,7 +31,8 @@ def is_figure(line: str) -> bool:
 
 
 def run_script(script: str, quick: bool) -> int:
-    """Run one benchmark script, echo its figure lines; returns how many there were."""
+    """Run one benchmark script, echo its figure lines; returns how many there were, or -1
+    when the script failed (a figure it printed before failing does not make it a success)."""
     command = [sys.executable, str(HERE / script), *(["--quick"] if quick else [])]
     out = subprocess.run(command, capture_output=True, text=True)
     figures = [line for line in out.stdout.splitlines() if is_figure(line)]
@@ -40,6 +41,7 @@ def run_script(script: str, quick: bool) -> int:
     if out.returncode:
         tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
         print(f"{script} failed (exit {out.returncode}): {' | '.join(tail)}", flush=True)
+        return -1
     return len(figures)
 
 
@@ -65,9 +67,10 @@ def main() -> int:
     print(json.dumps({"command": " ".join(sys.argv), "quick": args.quick}), flush=True)
     counts = {script: run_script(script, args.quick) for script in SCRIPTS}
     counts["demo"] = demo_end_to_end(args.quick)
-    missing = [name for name, count in counts.items() if not count]
-    if missing:
-        print(f"no figures from: {', '.join(missing)}", flush=True)
+    failed = [name for name, count in counts.items() if count < 0]
+    missing = [name for name, count in counts.items() if count == 0]
+    if failed or missing:
+        print(f"failed: {', '.join(failed) or '-'}; no figures from: {', '.join(missing) or '-'}", flush=True)
         return 1
     return 0
 

@@ -1,0 +1,138 @@
+"""`select` at the paper's dimension, D = 20,480 (5 layers x 2,048): time and memory.
+
+    python jobs/bench_real_dimension.py           # N = 20,000 and 100,000 (BENCHMARKS.md)
+    python jobs/bench_real_dimension.py --quick   # N = 3,000: checks the script works (tests)
+
+For each N the embeddings are written first, by a process of their own (Parquet parts of
+2,500 rows, float32, planted groups), so that no figure measures the generator. Then a
+fresh process runs `run_select` on a local Ray with every core: K = N / 66.5 (LLaVA-665K's
+ratio at K = 10,000), 5 Lloyd iterations, budget 20%. It records the seconds per stage, its
+own peak RSS, and each shard worker's peak RSS (VmHWM, sampled while the workers live).
+
+Targets (issue 19): the driver within 1.5 GB plus two copies of the K x D float32 centroid
+matrix; a shard worker within 1.3x its share of the rows plus its centroid structures
+(the K x D float32 centroids in the assignment index and the K x D int64 sums). Also shown:
+read throughput per worker, and k-means seconds per iteration, the CPU baseline that the
+GPU path is measured against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from benchkit import report
+
+LAYERS, HIDDEN = 5, 2048
+DIMENSION = 2 * LAYERS * HIDDEN
+PART_ROWS = 2_500
+MB = 2**20
+
+GENERATE = r"""
+import sys
+from coincide_ray import io, schema
+from coincide_ray.synthetic import planted_embeddings
+n, layers, hidden, rows, folder = map(str, sys.argv[1:6])
+n, layers, hidden, rows = int(n), int(layers), int(hidden), int(rows)
+for part, start in enumerate(range(0, n, rows)):
+    count = min(rows, n - start)
+    x, _ = planted_embeddings(count, num_layers=layers, hidden=hidden, groups=200, noise=1.0, seed=part)
+    io.write_parquet(schema.embeddings_table([f"r{start + i:07d}" for i in range(count)], x),
+                     f"{folder}/emb/part-{part:05d}.parquet")
+"""
+
+RUN = r"""
+import json, os, resource, sys, threading, time
+import psutil, ray
+from coincide_ray.config import ClusterConfig, JobConfig, SelectConfig
+from coincide_ray.pipeline import run_select
+
+n, layers, iterations, folder = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+peaks, stop = {}, threading.Event()
+
+def watch():  # each shard worker's high-water mark, while it lives
+    while not stop.is_set():
+        for process in psutil.process_iter(["pid", "name"]):
+            try:
+                if (process.info["name"] or "").startswith("ray::ShardWorker"):
+                    status = open(f"/proc/{process.pid}/status").read()
+                    hwm = int(next(l for l in status.splitlines() if l.startswith("VmHWM")).split()[1]) / 1024
+                    peaks[process.pid] = max(peaks.get(process.pid, 0.0), hwm)
+            except (OSError, StopIteration, psutil.Error):
+                continue
+        stop.wait(0.2)
+
+ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+watcher = threading.Thread(target=watch, daemon=True)
+watcher.start()
+k = max(8, round(n / 66.5))
+config = JobConfig(output=f"{folder}/out", embeddings=f"{folder}/emb", layers=tuple(range(layers)),
+                   cluster=ClusterConfig(clusters=k, iterations=iterations), select=SelectConfig(fraction=0.2))
+start = time.perf_counter()
+manifest = run_select(config, progress=lambda m: None)
+total = time.perf_counter() - start
+stop.set()
+watcher.join()
+print(json.dumps({"n": n, "k": k, "total": total, "timings": manifest["timings_s"],
+                  "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "worker_peaks_mb": sorted(peaks.values()), "selected": manifest["counts"]["selected"]}))
+"""
+
+
+def one_size(n: int, iterations: int) -> dict:
+    folder = tempfile.mkdtemp(prefix="bench-d20k-")
+    os.makedirs(f"{folder}/emb")
+    try:
+        subprocess.run([sys.executable, "-c", GENERATE, str(n), str(LAYERS), str(HIDDEN), str(PART_ROWS), folder],
+                       check=True, capture_output=True, text=True)
+        size = sum(os.path.getsize(f"{folder}/emb/{name}") for name in os.listdir(f"{folder}/emb"))
+        out = subprocess.run([sys.executable, "-c", RUN, str(n), str(LAYERS), str(iterations), folder],
+                             capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"select at N = {n} failed: {out.stderr.strip().splitlines()[-1:]}")
+        return {**json.loads(out.stdout.strip().splitlines()[-1]), "file_bytes": size}
+    finally:
+        subprocess.run(["rm", "-rf", folder], check=False)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="N = 3,000 only: a smoke run")
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--rows", default="20000,100000", help="sizes N to run, comma-separated")
+    args = parser.parse_args()
+    sizes = [3_000] if args.quick else [int(n) for n in args.rows.split(",")]
+    print(json.dumps({"cpus": os.cpu_count(), "dimension": DIMENSION, "iterations": args.iterations,
+                      "quick": args.quick}), flush=True)
+    for n in sizes:
+        r = one_size(n, args.iterations)
+        k, workers = r["k"], max(1, len(r["worker_peaks_mb"]))
+        tag = f"n{n // 1000}k_k{k}"
+        for stage in ("read", "cluster", "select"):
+            report(f"rd_{stage}_{tag}", r["timings"][stage], "s", r["total"], r["timings"][stage] / r["total"],
+                   None, None, args.quick)
+        centroids_mb = k * DIMENSION * 4 / MB
+        driver_budget = 1536 + 2 * centroids_mb
+        report(f"rd_driver_peak_rss_{tag}", r["driver_peak_mb"], "MB", driver_budget,
+               r["driver_peak_mb"] / driver_budget, "<= 1.0", r["driver_peak_mb"] <= driver_budget, args.quick)
+        share_mb = n * DIMENSION * 4 / MB / workers
+        worker_budget = 1.3 * share_mb + k * DIMENSION * (4 + 8) / MB
+        worst = max(r["worker_peaks_mb"] or [0.0])
+        report(f"rd_worker_peak_rss_{tag}", worst, "MB", worker_budget, worst / worker_budget, "<= 1.0",
+               worst <= worker_budget, args.quick)
+        read_mb_s = r["file_bytes"] / MB / max(r["timings"]["read"], 1e-9) / workers
+        report(f"rd_read_mb_per_s_per_worker_{tag}", read_mb_s, "MB/s", r["file_bytes"] / MB, 0.0, None, None,
+               args.quick)
+        per_iteration = r["timings"]["cluster"] / args.iterations
+        flops = 2.0 * n * k * DIMENSION * (args.iterations + 1)
+        report(f"rd_kmeans_s_per_iteration_{tag}", per_iteration, "s", flops / r["timings"]["cluster"] / 1e9,
+               0.0, None, None, args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
