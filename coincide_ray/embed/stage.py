@@ -34,6 +34,9 @@ from coincide_ray.manifest import library_versions
 from coincide_ray.records import Record, Rejection, accepted_records
 
 
+MODEL_FAILED = "model failed"  # the one rejection that can pass (a GPU out of memory): never reused
+
+
 def part_name(block: int) -> str:
     return f"part-{block:06d}.parquet"
 
@@ -97,7 +100,7 @@ class ModelWorker:
                         result.vectors[position] = self.embed(single)[0]
                     except Exception as error:
                         failure = f"{type(error).__name__}: {str(error)[:300]}"
-                        result.rejected[position] = Rejection(prepared.ids[position], STAGE, "model failed", failure)
+                        result.rejected[position] = Rejection(prepared.ids[position], STAGE, MODEL_FAILED, failure)
                         continue
                 ids = batch.inputs["input_ids"][k]
                 attended = batch.inputs["attention_mask"][k].astype(bool)
@@ -276,8 +279,8 @@ def part_files(output: str) -> dict[str, str]:
 
 def part_signature(uri: str, dimension: int) -> tuple[list[tuple], int] | None:
     """(block_signature, rejected records) of a finished part file, or None when it does not
-    read back whole (truncated, corrupt, another schema, a vector of the wrong length): then
-    the block is redone."""
+    read back whole (truncated, corrupt, another schema, a vector of the wrong length) or
+    records a model failure: then the block is redone."""
     try:
         table = io.read_parquet(uri)
     except io.InputFormatError:
@@ -289,6 +292,8 @@ def part_signature(uri: str, dimension: int) -> tuple[list[tuple], int] | None:
     lengths = pc.list_value_length(table.column(schema.EMBEDDING)).to_numpy(zero_copy_only=False)
     if any(length == length and length != dimension for length in lengths):  # NaN: a null vector
         return None
+    if MODEL_FAILED in columns[schema.REASON]:
+        return None  # try the model again: its failure may not have been the record's
     signature = [(sample_id, fingerprint) if fingerprint else (sample_id, reason, detail)
                  for sample_id, fingerprint, reason, detail in zip(*columns.values())]
     return signature, sum(reason is not None for reason in columns[schema.REASON])

@@ -1,6 +1,6 @@
 """A real Ray head started with `ray start --head` on loopback, in a temporary folder of its
-own, and stopped by the ids of exactly the processes it started: never `ray stop`, which
-ends every Ray on the machine.
+own, and stopped by the ids of exactly the processes it started, never by Ray's own stop
+command, which ends every Ray on the machine.
 
 Ray finds "the cluster started last" through an address file in its temporary folder,
 whose default follows TMPDIR; the head and every process a test points at it share one

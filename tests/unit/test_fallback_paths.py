@@ -128,3 +128,21 @@ def test_a_row_the_model_fails_on_is_rejected_and_its_batch_kept(tmp_path, tiny_
     for row in (0, 1, 3):  # the other rows were embedded one by one: the same vectors
         assert np.allclose(result.vectors[row], direct[row], atol=1e-5)
     assert result.vectors[2] is None
+
+
+def test_a_block_with_a_model_failure_is_redone_on_the_next_run(tmp_path):
+    """A model failure can pass (a GPU out of memory): a part file that records one is not
+    reused as finished, while other rejections, decided by the record's content, are."""
+    from coincide_ray.embed.stage import EmbeddedBlock, part_signature
+    from coincide_ray.records import Rejection
+
+    def part(reason):
+        block = EmbeddedBlock(0, ["a", "b"], [np.ones(4, np.float32), None], np.zeros(2, np.int32),
+                              np.zeros(2, np.int32), {1: Rejection("b", "embed", reason, "r.json#1")},
+                              {0: "f" * 64, 1: "e" * 64}, {}, [])
+        uri = str(tmp_path / f"{reason}.parquet")
+        io.write_parquet(block.table(), uri)
+        return uri
+
+    assert part_signature(part("not an image"), 4) == ([("a", "f" * 64), ("b", "e" * 64)], 1)
+    assert part_signature(part("model failed"), 4) is None
