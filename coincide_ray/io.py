@@ -86,10 +86,6 @@ def is_file(uri: str) -> bool:
     return bool(retried(uri, "checking", lambda: fs.isfile(path)))
 
 
-def is_local(uri: str) -> bool:
-    return isinstance(resolve(uri)[0], LocalFileSystem)
-
-
 def digest_cache_folder() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "coincide-ray", "sha256")

@@ -75,9 +75,10 @@ class PreviousVectors:
             if schema.REASON in names:  # a record rejected after fingerprinting has no vector
                 embedded = pc.and_(embedded, pc.is_null(table.column(schema.REASON)))
             rows = np.flatnonzero(embedded.to_numpy(zero_copy_only=False))
-            values, names_ = table.column(schema.FINGERPRINT).to_pylist(), table.column(schema.SAMPLE_ID).to_pylist()
-            keys += [_key(values[r]) for r in rows]
-            ids += [_id_key(names_[r]) for r in rows]
+            fingerprints = table.column(schema.FINGERPRINT).to_pylist()
+            sample_ids = table.column(schema.SAMPLE_ID).to_pylist()
+            keys += [_key(fingerprints[r]) for r in rows]
+            ids += [_id_key(sample_ids[r]) for r in rows]
             file += [index] * len(rows)
             row += rows.tolist()
         keys_array = np.array(keys, dtype=f"S{KEY_BYTES}")
