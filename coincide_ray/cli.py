@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     sources.add_argument("--input", metavar="URI", help="records: LLaVA JSON list, JSON Lines or Parquet (file or folder)")
     sources.add_argument("--image-root", metavar="URI", help="folder or s3:// prefix the records' image paths are under")
     sources.add_argument("--model", metavar="URI", help="image-text-to-text checkpoint folder (local or s3://)")
+    sources.add_argument("--device", choices=("auto", "gpu", "cpu"),
+                         help="where the model runs (default auto: gpu when the cluster has or can add GPUs)")
     sources.add_argument("--label-field", metavar="FIELD[,FIELD]",
                          help="record fields with known labels: the report shows cluster purity and label coverage")
     sources.add_argument("--previous", metavar="URI",
@@ -124,6 +126,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         "cluster": {"clusters": given.get("clusters"), "iterations": given.get("iterations"), "seed": given.get("seed"),
                     "sample_fraction": given.get("kmeans_sample"), "warm_start": given.get("warm_start")},
         "select": {"fraction": given.get("fraction"), "temperature": given.get("temperature")},
+        "embed": {"device": given.get("device")},
     }
     values = merge(base, flags)
     if not values.get("output"):
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             from coincide_ray.pipeline import EmbedStats
 
             result = run_embed(config, progress=stderr_progress)
-            embed = EmbedStats(result.embedded, round(result.seconds, 3), result.truncated)
+            embed = EmbedStats(result.embedded, round(result.seconds, 3), result.truncated, result.resources)
         if args.command in ("run", "select"):
             from coincide_ray.pipeline import run_select
 

@@ -26,7 +26,16 @@ def _fail_unless(condition: bool, message: str) -> None:
 class EmbedConfig:
     block_records: int = 64  # records per input block = per embeddings/part-*.parquet file
     batch_size: int = 8  # samples per forward pass
-    actors: int = 0  # model actors; 0 = one per GPU, or one on a machine without GPUs
+    # Where the model runs. auto = gpu when the cluster has GPUs now or its autoscaler can add
+    # nodes that have them, else cpu. With gpu every model actor asks Ray for gpus_per_actor
+    # GPUs and the run waits (wait_for_resources_s at most) for the first of them to join.
+    device: str = "auto"
+    gpus_per_actor: float = 1.0
+    wait_for_resources_s: float = 900.0  # a GPU node started from zero takes minutes to boot
+    # Model actors. 0 = autoscale from 1 up to max_actors as GPUs arrive (one CPU actor using
+    # every core on a cluster without GPUs); N = exactly N, waiting for room for all of them.
+    actors: int = 0
+    max_actors: int = 0  # 0 = the GPUs the cluster has or its autoscaler can add, / gpus_per_actor
     prepare_workers: int = 0  # CPU workers decoding and tokenising; 0 = the CPUs the model actors leave
     max_image_pixels: int = 50_000_000  # larger images are rejected (decompression bombs)
     dtype: str = "auto"  # auto = bfloat16 on GPUs that have it (else float16), float32 on CPU
@@ -37,6 +46,12 @@ class EmbedConfig:
         _fail_unless(self.block_records >= 1, f"embed.block_records must be at least 1, got {self.block_records}")
         _fail_unless(self.batch_size >= 1, f"embed.batch_size must be at least 1, got {self.batch_size}")
         _fail_unless(self.actors >= 0, f"embed.actors must be non-negative, got {self.actors}")
+        _fail_unless(self.max_actors >= 0, f"embed.max_actors must be non-negative, got {self.max_actors}")
+        devices = ("auto", "gpu", "cpu")
+        _fail_unless(self.device in devices, f"embed.device must be one of {', '.join(devices)}, got {self.device!r}")
+        _fail_unless(self.gpus_per_actor > 0, f"embed.gpus_per_actor must be positive, got {self.gpus_per_actor}")
+        _fail_unless(self.wait_for_resources_s >= 0,
+                     f"embed.wait_for_resources_s must be non-negative, got {self.wait_for_resources_s}")
         _fail_unless(self.prepare_workers >= 0, f"embed.prepare_workers must be non-negative, got {self.prepare_workers}")
         _fail_unless(self.max_image_pixels >= 1, f"embed.max_image_pixels must be positive, got {self.max_image_pixels}")
         dtypes = ("auto", "float32", "bfloat16", "float16")
@@ -51,7 +66,7 @@ class ClusterConfig:
     # Fit the centroids on this share of the rows (seeded), then assign every row: faster for
     # large K at some cost in objective; 1.0 fits on all rows, as the paper does.
     sample_fraction: float = 1.0
-    workers: int = 0  # shard workers holding the embeddings; 0 = one per CPU of the Ray cluster
+    workers: int = 0  # shard workers holding the embeddings; 0 = one per node that has CPUs
     # Start from the previous run's centroids (with `previous`, same K and dimension) instead
     # of a seeded draw: steadier clusters night to night, but the result then depends on
     # the history of runs, not only on this run's inputs.

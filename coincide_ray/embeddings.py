@@ -28,26 +28,38 @@ class FileRows:
     earlier: list[tuple | None]  # (stage, reason, detail) an earlier stage recorded, else None
 
 
-def read_file(uri: str) -> tuple[FileRows, list[np.ndarray | None]]:
-    """The file's rows and their float32 vectors (None where null)."""
-    table = io.read_parquet(uri)
-    schema.require_columns(table.schema, [schema.SAMPLE_ID, schema.EMBEDDING], uri)
-    ids = table.column(schema.SAMPLE_ID).cast(pa.string()).to_pylist()
-    column = table.column(schema.EMBEDDING).combine_chunks()
-    lengths = pc.fill_null(pc.list_value_length(column), -1).to_numpy(zero_copy_only=False).astype(np.int64)
-    values = pc.list_flatten(column).cast(pa.float32())
-    if values.null_count:  # a null element inside a vector: NaN, which judge() rejects
-        values = pc.fill_null(values, float("nan"))
-    values = values.to_numpy(zero_copy_only=False)  # no copy when there are no nulls
-    ends = np.cumsum(np.maximum(lengths, 0))
-    vectors = [None if length < 0 else values[end - length : end] for length, end in zip(lengths, ends)]
-    finite = np.array([v is None or bool(np.isfinite(v).all()) for v in vectors], dtype=bool)
-    earlier: list[tuple | None] = [None] * len(ids)
-    if schema.REASON in table.schema.names:
-        columns = [table.column(c).to_pylist() if c in table.schema.names else [None] * len(ids)
-                   for c in (schema.STAGE, schema.REASON, schema.DETAIL)]
-        earlier = [(stage, reason, detail) if reason else None for stage, reason, detail in zip(*columns)]
-    return FileRows(uri, ids, lengths, finite, earlier), vectors
+READ_BATCH_ROWS = 256  # rows decoded at a time (Arrow grows a batch's buffers while decoding: keep it small)
+
+
+def read_file(uri: str) -> tuple[FileRows, list[tuple[int, np.ndarray]]]:
+    """The file's rows, and its vectors per batch of READ_BATCH_ROWS rows: (rows in the
+    batch, one flat float32 array of their values; a null vector holds none, and a row's
+    vector ends at the cumulative sum of its batch's lengths). The flat arrays are Arrow's own decoded buffers
+    when the file holds float32 without nulls: keeping them costs no copy."""
+    file_schema, batches = io.read_parquet_batches(uri, READ_BATCH_ROWS)
+    schema.require_columns(file_schema, [schema.SAMPLE_ID, schema.EMBEDDING], uri)
+    ids, lengths, finite, values, earlier = [], [], [], [], []
+    notes = [schema.STAGE, schema.REASON, schema.DETAIL] if schema.REASON in file_schema.names else []
+    while batches:
+        batch = batches.pop(0)  # dropped as soon as it is read: its vectors live on in `values`
+        ids += batch.column(schema.SAMPLE_ID).cast(pa.string()).to_pylist()
+        column = batch.column(schema.EMBEDDING)
+        length = pc.fill_null(pc.list_value_length(column), -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        flat = pc.list_flatten(column).cast(pa.float32())
+        if flat.null_count:  # a null element inside a vector: NaN, which judge() rejects
+            flat = pc.fill_null(flat, float("nan"))
+        flat = flat.to_numpy(zero_copy_only=False)  # no copy when there are no nulls
+        good, ends = np.isfinite(flat), np.cumsum(np.maximum(length, 0))
+        finite += [n < 0 or bool(good[end - n : end].all()) for n, end in zip(length, ends)]
+        lengths.append(length)
+        values.append((batch.num_rows, flat))
+        if notes:
+            columns = [batch.column(c).to_pylist() if c in file_schema.names else [None] * batch.num_rows for c in notes]
+            earlier += [(stage, reason, detail) if reason else None for stage, reason, detail in zip(*columns)]
+        else:
+            earlier += [None] * batch.num_rows
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    return FileRows(uri, ids, lengths, np.array(finite, dtype=bool), earlier), values
 
 
 @dataclass
@@ -120,12 +132,20 @@ def judge(files: list[FileRows], stage: str = "select", dim: int | None = None) 
     return verdict
 
 
-def stack_accepted(vectors: list[np.ndarray | None], mask: np.ndarray, dim: int,
-                   out: np.ndarray | None = None) -> np.ndarray:
-    """The accepted rows of one file as an (n, dim) float32 array, written into `out` when
-    given (so a worker can fill one preallocated array file by file)."""
-    rows = np.flatnonzero(mask)
-    out = np.empty((len(rows), dim), np.float32) if out is None else out
-    for j, i in enumerate(rows):
-        out[j] = vectors[i]
-    return out
+def accepted_rows(rows: FileRows, values: list[tuple[int, np.ndarray]], mask: np.ndarray,
+                  dim: int) -> list[np.ndarray]:
+    """The accepted rows of one file as (n, dim) float32 blocks, one per batch of `values`.
+    A batch whose vectors are all accepted (the usual case) is its flat array reshaped: no
+    copy. The others are copied without their rejected rows."""
+    blocks, start = [], 0
+    for count, flat in values:
+        lengths = rows.lengths[start : start + count]
+        keep, present = mask[start : start + count], lengths > 0
+        if np.array_equal(keep, present) and len(flat) == int(keep.sum()) * dim:
+            blocks.append(flat.reshape(-1, dim))
+        else:
+            ends = np.cumsum(np.maximum(lengths, 0))
+            blocks.append(np.stack([flat[end - dim : end] for end in ends[keep]]) if keep.any()
+                          else np.zeros((0, dim), np.float32))
+        start += count
+    return blocks

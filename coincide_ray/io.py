@@ -239,6 +239,20 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     return _parquet_call(uri, lambda: pq.read_table(path, filesystem=fs, columns=columns))
 
 
+def read_parquet_batches(uri: str, batch_rows: int = 1024) -> tuple[pa.Schema, list[pa.RecordBatch]]:
+    """The whole file as record batches of `batch_rows`, streamed (buffered reads, no
+    pre-buffering): the file's bytes and a second decoded copy are never in memory at once,
+    as they are with read_table, so a reader can keep the batches' buffers as its own."""
+    fs, path = resolve(uri)
+
+    def read() -> tuple[pa.Schema, list[pa.RecordBatch]]:
+        with fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f, buffer_size=8 * 2**20, pre_buffer=False)
+            return parquet.schema_arrow, list(parquet.iter_batches(batch_size=batch_rows))
+
+    return _parquet_call(uri, read)
+
+
 def read_parquet_rows(uri: str, rows: np.ndarray, columns: list[str], batch_rows: int = 512) -> pa.Table:
     """Only `rows` (sorted positions) of `columns`. The file is streamed in batches of
     `batch_rows` (buffered reads, no pre-buffering) and each batch is cut down at once; row

@@ -44,6 +44,7 @@ class EmbedStats:
     embedded: int  # vectors computed by this run; the other accepted ones were reused
     seconds: float
     truncated: int = 0  # records cut to the model's context by this run
+    resources: dict | None = None  # the embedding pool that ran
 
 
 def selected_records_json(input_uri: str, selected_ids: set[str]) -> tuple[bytes, int]:
@@ -122,11 +123,13 @@ class LazyShards:
         if self.shards is not None:
             return self.shards
         start = time.perf_counter()
-        self.shards = shards = ShardSet.load(self.files, self.config.cluster.workers, dim=self.dimension)
+        self.shards = shards = ShardSet.load(self.files, self.config.cluster.workers, dim=self.dimension,
+                                             progress=self.progress)
         data = shards.verdict
         self.seconds = time.perf_counter() - start
         self.progress(f"read {data.records} records from {len(self.files)} file(s) onto {len(shards.workers)} "
-                      f"worker(s): {len(data.ids)} accepted, {len(data.rejected)} rejected")
+                      f"worker(s) on {len(set(s.node for s in shards.shards))} node(s): {len(data.ids)} accepted, "
+                      f"{len(data.rejected)} rejected")
         if not data.ids:
             reasons = Counter(reason for _, _, reason, _ in data.rejected)
             raise InputError(f"no usable embeddings in {self.config.embeddings}: {len(data.rejected)} rows rejected "
@@ -348,6 +351,8 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
                    "truncated": embed.truncated if embed else 0},
         "health": health(clusters.centroids, summary.column("size").to_numpy(), rejected, budget, selected),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "resources": {"embed": embed.resources if embed else None,
+                      "select": shards.shards.plan() if shards.shards is not None else None},
         "paths": {FILE_NAMES[path]: io.join(out, path) for path in digests},
         "sha256": {FILE_NAMES[path]: digest for path, digest in digests.items()},
         "stage_keys": {"cluster": keys.cluster, "select": keys.select},

@@ -260,6 +260,12 @@ def table(rows: dict) -> str:
                                for k, v in rows.items()) + "</table>"
 
 
+def resources_table(plan: dict) -> str:
+    """The resource plan of the run; a stage that reused finished work ran nothing."""
+    shown = {stage: parts if parts else "nothing: finished work reused" for stage, parts in plan.items()}
+    return table(shown) if shown else "<p>Not recorded.</p>"
+
+
 def render(manifest: dict, summary: pa.Table, selection: pa.Table, embeddings: str,
            records_uri: str | None = None, image_root: str | None = None, labels: dict | None = None) -> str:
     size = summary.column("size").to_numpy()
@@ -282,5 +288,6 @@ def render(manifest: dict, summary: pa.Table, selection: pa.Table, embeddings: s
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>coincide-ray run</title>"
             f"{STYLE}</head><body><h1>coincide-ray run</h1><p>{html.escape(manifest['config']['output'])}</p>"
             f"<h2>Counts</h2>{table(manifest['counts'])}<h2>Seconds per stage</h2>{table(manifest['timings_s'])}"
+            f"<h2>What ran where</h2>{resources_table(manifest.get('resources') or {})}"
             f"<h2>Health</h2>{table(manifest['health'])}<h2>Clusters and budget</h2>{''.join(plots)}"
             f"{label_section(labels) if labels else ''}<h2>A few clusters</h2>{gallery}{CHECK}</body></html>")

@@ -23,7 +23,8 @@ from pathlib import Path
 from benchkit import report
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_select.py", "bench_kmeans.py", "bench_embed.py", "bench_selection_stage.py", "bench_real_dimension.py"]
+SCRIPTS = ["bench_select.py", "bench_kmeans.py", "bench_embed.py", "bench_selection_stage.py", "bench_real_dimension.py",
+           "bench_cluster_traffic.py"]
 
 
 def is_figure(line: str) -> bool:

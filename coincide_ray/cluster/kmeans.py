@@ -98,7 +98,7 @@ def to_fixed(rows: np.ndarray) -> np.ndarray:
     return np.rint(np.asarray(rows, dtype=np.float32) * np.float32(FIXED_POINT)).astype(np.int64)
 
 
-SUM_CHUNK = 2048  # rows converted and added at a time: the temporaries stay in cache
+SUM_ELEMENTS = 2**21  # values converted and added at a time: small temporaries at any dimension
 
 
 def partial_sums(x_unit: np.ndarray, cluster: np.ndarray, k: int, into: PartialSums | None = None) -> PartialSums:
@@ -106,15 +106,16 @@ def partial_sums(x_unit: np.ndarray, cluster: np.ndarray, k: int, into: PartialS
     given (a worker summing chunk by chunk keeps one (k, d) matrix, not one per chunk).
     Integer sums are exact in any order, so torch's scatter-add gives the same bits as any
     other summation; it is `to_fixed` (torch rounds half to even, as numpy does) fused with
-    the add, SUM_CHUNK rows at a time."""
+    the add, SUM_ELEMENTS values at a time."""
     d = x_unit.shape[1]
     total = into or PartialSums(np.zeros((k, d), np.int64), np.zeros(k, np.int64))
     sums = torch.from_numpy(total.sums)  # shares memory: the adds land in total.sums
     rows = torch.from_numpy(np.ascontiguousarray(x_unit, dtype=np.float32))
     index = torch.from_numpy(np.ascontiguousarray(cluster, dtype=np.int64))
     scale = float(FIXED_POINT)
-    for start in range(0, len(rows), SUM_CHUNK):
-        part = slice(start, start + SUM_CHUNK)
+    step = max(1, SUM_ELEMENTS // max(d, 1))
+    for start in range(0, len(rows), step):
+        part = slice(start, start + step)
         sums.index_add_(0, index[part], (rows[part] * scale).round_().long())
     np.add(total.counts, np.bincount(cluster, minlength=k), out=total.counts)
     return total

@@ -1,26 +1,33 @@
 """Spherical k-means on Ray: the rows stay on shard workers, the centroids travel.
 
-Each ShardWorker reads whole embeddings files, reports their rows so the driver can judge
-them (coincide_ray.embeddings.judge), then keeps only the accepted raw vectors with their
-global row index (position in canonical order). Every Lloyd iteration broadcasts the
-centroids once through the object store; each shard returns exact partial sums (core
-`partial_sums`), and the driver adds them and updates. Because assignment is row-wise
-deterministic and the sums are exact, the result is the same bits as the in-memory
-`spherical_kmeans` on the same rows, for any number of workers or files.
+One ShardWorker per node (using the node's cores) reads whole embeddings files, reports
+their rows so the driver can judge them (coincide_ray.embeddings.judge), then keeps only
+the accepted raw vectors with their global row index (position in canonical order). Every
+Lloyd iteration broadcasts the centroids once through the object store; each shard computes
+exact partial sums (core `partial_sums`), the workers add them pairwise in a tree, and the
+driver receives one (K, D) matrix and updates. Because assignment is row-wise deterministic
+and the sums are exact, the result is the same bits as the in-memory `spherical_kmeans` on
+the same rows, for any number of workers or files, and after a lost shard is rebuilt from
+its files on another node and the interrupted phase is run again.
 """
 
 from __future__ import annotations
 
+import ctypes
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import ray
+from ray.exceptions import (GetTimeoutError, NodeDiedError, ObjectLostError, OwnerDiedError, RayActorError,
+                            WorkerCrashedError)
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from coincide_ray import embeddings, io
 from coincide_ray.arrays import unit_rows
-from coincide_ray.holds import hold, hold_point
+from coincide_ray.holds import hold, hold_point, release_file
 from coincide_ray.cluster.kmeans import (
     CentroidIndex,
     KMeansResult,
@@ -36,14 +43,17 @@ from coincide_ray.cluster.kmeans import (
     update_centroids,
 )
 
-SHARD_CPUS = 0.25  # CPUs a shard worker reserves (see ShardSet.load)
-CHUNK_BYTES = 256 * 2**20  # float32 rows normalised and assigned at a time: bounds a worker's temporaries
+# CPUs a shard worker reserves: none. It holds its rows for the whole selection but computes
+# only while the driver waits on it; a reservation would keep the scoring tasks that run
+# beside it off a small node (one of 1 CPU holding a 0.25-CPU worker has no room for a task
+# of 1: a deadlock). The worker's threads are its node's CPUs.
+SHARD_CPUS = 0.0
+CHUNK_BYTES = 16 * 2**20  # float32 rows normalised and assigned at a time: bounds a worker's temporaries
 
 
-def chunks(count: int, dim: int):
-    """Slices over `count` rows of `dim` floats, CHUNK_BYTES at a time."""
-    step = max(256, CHUNK_BYTES // (4 * max(dim, 1)))
-    return (slice(start, start + step) for start in range(0, count, step))
+def chunk_rows(dim: int) -> int:
+    """Rows of `dim` floats assigned at a time: CHUNK_BYTES of them, at least 64."""
+    return max(64, CHUNK_BYTES // (4 * max(dim, 1)))
 
 
 class KMeansGauges:
@@ -72,14 +82,64 @@ def as_completed(refs: list):
         yield ray.get(ready[0])
 
 
+def return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system. Every step allocates and frees
+    chunk-sized temporaries on several threads (faiss's, torch's); glibc keeps them per
+    thread otherwise, and a long-lived worker's resident memory creeps up step by step."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+class Blocks:
+    """A shard's rows as float32 blocks (one per batch read), addressed as one array of
+    rows. A block is usually Arrow's own decoded buffer, so the rows are held once, never
+    gathered into a second array."""
+
+    def __init__(self, blocks: list[np.ndarray], dim: int):
+        self.blocks = blocks
+        self.dim = dim
+        self.starts = np.cumsum([0] + [len(b) for b in blocks])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def pieces(self, rows: np.ndarray, max_rows: int):
+        """(positions in `rows`, their vectors) for the sorted row numbers `rows`, at most
+        `max_rows` at a time and never across blocks: a run of consecutive rows is a view."""
+        cuts = np.searchsorted(rows, self.starts)
+        for block, (first, last) in enumerate(zip(cuts[:-1], cuts[1:])):
+            for begin in range(first, last, max_rows):
+                end = min(begin + max_rows, last)
+                local = rows[begin:end] - self.starts[block]
+                if local[-1] - local[0] + 1 == len(local):
+                    yield slice(begin, end), self.blocks[block][local[0] : local[-1] + 1]
+                else:
+                    yield slice(begin, end), self.blocks[block][local]
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The vectors of the sorted row numbers `rows`, as one new array."""
+        out = np.empty((len(rows), self.dim), np.float32)
+        for where, vectors in self.pieces(rows, max(len(rows), 1)):
+            out[where] = vectors
+        return out
+
+
 @ray.remote
 class ShardWorker:
     """Holds some embeddings files' accepted rows in memory for the whole selection."""
 
-    def __init__(self, files: list[str]):
+    def __init__(self, files: list[str], threads: int = 0):
+        if threads:  # the node's cores: Ray sets a fractional-CPU actor's OpenMP threads to 1
+            import faiss
+            import torch
+
+            faiss.omp_set_num_threads(threads)
+            torch.set_num_threads(threads)
         self.files = files
-        self.pending: dict[str, list] = {}
-        self.x = np.zeros((0, 0), np.float32)
+        self.pending: dict[str, tuple[embeddings.FileRows, list]] = {}
+        self.x = Blocks([], 0)
         self.index = np.zeros(0, np.int64)
         self.last: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # rows, cluster, cosine of the last step
         self.fit_key: tuple | None = None  # (total rows, sample fraction, seed) of fit_rows
@@ -88,38 +148,53 @@ class ShardWorker:
     def scan(self) -> list[embeddings.FileRows]:
         reports = []
         for path in self.files:
-            rows, vectors = embeddings.read_file(path)
-            self.pending[path] = vectors
+            rows, values = embeddings.read_file(path)
+            self.pending[path] = (rows, values)
             reports.append(rows)
+            pa.default_memory_pool().release_unused()  # Arrow keeps freed read buffers otherwise
         return reports
 
     def keep(self, masks: list[np.ndarray], first_index: list[int], dim: int) -> int:
         """Keep the accepted rows; `first_index` is the global index of each file's first one.
-        The rows go into one preallocated array file by file, each file's read buffers freed
-        as soon as it is copied, so the peak is the rows plus what is still pending."""
-        counts = [int(mask.sum()) for mask in masks]
-        self.x = np.empty((sum(counts), dim), np.float32)
-        index, at = [], 0
-        for path, mask, start, count in zip(self.files, masks, first_index, counts):
-            embeddings.stack_accepted(self.pending.pop(path), mask, dim, out=self.x[at : at + count])
-            index.append(start + np.arange(count, dtype=np.int64))
-            at += count
+        A batch whose vectors are all accepted keeps its decoded buffer as it is; any other
+        is copied without its rejected rows and its buffer freed."""
+        blocks, index = [], []
+        for path, mask, start in zip(self.files, masks, first_index):
+            rows, values = self.pending.pop(path)
+            kept = embeddings.accepted_rows(rows, values, mask, dim)
+            blocks += kept
+            index.append(start + np.arange(sum(len(block) for block in kept), dtype=np.int64))
+            del rows, values
+            pa.default_memory_pool().release_unused()
+        self.x = Blocks(blocks, dim)
         self.index = np.concatenate(index) if index else np.zeros(0, np.int64)
-        pa.default_memory_pool().release_unused()  # Arrow keeps freed read buffers otherwise
         return len(self.x)
 
+    def reload(self, masks: list[np.ndarray], first_index: list[int], dim: int) -> int:
+        """Read and keep this shard's rows as judged before: a lost shard's replacement."""
+        self.scan()
+        return self.keep(masks, first_index, dim)
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def add(self, first: PartialSums, second: PartialSums) -> PartialSums:
+        """Two shards' partial sums added, where one of them lives: a step of the reduction
+        tree that keeps the driver's traffic at one (K, D) matrix per iteration."""
+        return PartialSums.combine([first, second])
+
     def unit_rows_at(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        held = np.isin(self.index, wanted)
-        return self.index[held], unit_rows(self.x[held])
+        held = np.flatnonzero(np.isin(self.index, wanted))
+        return self.index[held], unit_rows(self.x.take(held))
 
     def _assign(self, centroids: np.ndarray, rows: np.ndarray,
                 sums: PartialSums | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Nearest centroid of each of `rows`, chunk by chunk; their sums added to `sums`."""
+        """Nearest centroid of each of `rows` (sorted), chunk by chunk; their sums added to `sums`."""
         index = CentroidIndex(centroids)
         cluster = np.empty(len(rows), np.int64)
         cosine = np.empty(len(rows), np.float32)
-        for chunk in chunks(len(rows), self.x.shape[1]):
-            x_unit = unit_rows(self.x[rows[chunk]])
+        for chunk, vectors in self.x.pieces(rows, chunk_rows(self.x.dim)):
+            x_unit = unit_rows(vectors)
             cluster[chunk], cosine[chunk] = index.assign(x_unit)
             if sums is not None:
                 partial_sums(x_unit, cluster[chunk], len(centroids), into=sums)  # exact whatever the chunks
@@ -131,30 +206,71 @@ class ShardWorker:
             total, fraction, seed = fit
             self.fit_key, self.fit_rows = fit, np.flatnonzero(sample_mask(total, fraction, seed)[self.index])
         k = len(centroids)
-        sums = PartialSums(np.zeros((k, self.x.shape[1]), np.int64), np.zeros(k, np.int64))
+        sums = PartialSums(np.zeros((k, self.x.dim), np.int64), np.zeros(k, np.int64))
         cluster, cosine = self._assign(centroids, self.fit_rows, sums)
         self.last = (self.fit_rows, cluster, cosine)
+        return_freed_memory()
         return sums
 
     def spare(self, m: int) -> Spare:
         rows, cluster, cosine = self.last
         worst = np.lexsort((self.index[rows], cosine))[:m]
-        return Spare(unit_rows(self.x[rows[worst]]), cosine[worst], cluster[worst], self.index[rows[worst]])
+        order = np.argsort(rows[worst])  # Blocks.take wants sorted rows; Spare.combine reorders anyway
+        worst = worst[order]
+        return Spare(unit_rows(self.x.take(rows[worst])), cosine[worst], cluster[worst], self.index[rows[worst]])
 
     def assign_all(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         cluster, cosine = self._assign(centroids, np.arange(len(self.x)))
         return self.index, cluster, cosine
 
-    def export(self, assignments: np.ndarray, bucket_of_cluster: np.ndarray) -> dict[int, ray.ObjectRef]:
-        """This shard's rows grouped by scoring bucket, each group put in the object store:
-        (global index, cluster, raw vectors). `assignments` covers every accepted row."""
+    def bucket_rows(self, assignments: np.ndarray, bucket_of_cluster: np.ndarray,
+                    bucket: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This shard's rows in one scoring bucket: (global index, cluster, raw vectors).
+        Asked for bucket by bucket while scoring runs, so that only the buckets being scored
+        have a copy in the object store. `assignments` covers every accepted row."""
         cluster = assignments[self.index]
-        buckets = bucket_of_cluster[cluster]
-        refs = {}
-        for bucket in np.unique(buckets):
-            rows = np.flatnonzero(buckets == bucket)
-            refs[int(bucket)] = ray.put((self.index[rows], cluster[rows], self.x[rows]))
-        return refs
+        rows = np.flatnonzero(bucket_of_cluster[cluster] == bucket)
+        return self.index[rows], cluster[rows], self.x.take(rows)
+
+
+LOST = (RayActorError, ObjectLostError, OwnerDiedError, WorkerCrashedError, NodeDiedError)
+HEAL_ATTEMPTS = 3  # node losses survived within one phase before giving up
+
+
+def lost(error: BaseException) -> bool:
+    """Whether `error` means a worker or its objects were lost (a node gone), not a bug."""
+    return isinstance(error, LOST) or isinstance(getattr(error, "cause", None), LOST)
+
+
+@dataclass
+class Shard:
+    """One worker's part of the input, as judged: enough to rebuild it anywhere."""
+
+    files: list[str]
+    masks: list[np.ndarray]
+    first_index: list[int]
+    node: str = ""
+
+
+def shard_nodes(workers: int = 0) -> list[tuple[str, int]]:
+    """(node id, threads) for each shard worker: one per alive node that has CPUs, using all
+    of them, or `workers` spread over those nodes round-robin, sharing each node's CPUs."""
+    nodes = sorted((node["NodeID"], int(node["Resources"].get("CPU", 0))) for node in ray.nodes()
+                   if node.get("Alive") and node["Resources"].get("CPU", 0) >= 1)
+    if not nodes:
+        raise RuntimeError("no node of the Ray cluster has a CPU for a shard worker")
+    count = workers or len(nodes)
+    placed = [nodes[i % len(nodes)] for i in range(count)]
+    sharing = Counter(node for node, _ in placed)
+    return [(node, max(1, cpus // sharing[node])) for node, cpus in placed]
+
+
+def start_worker(files: list[str], node: str, threads: int):
+    """A shard worker pinned to `node`: if the node is lost the worker is lost with it, and
+    ShardSet.heal starts another on a node that is alive."""
+    return ShardWorker.options(
+        num_cpus=SHARD_CPUS, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+    ).remote(files, threads)
 
 
 @dataclass
@@ -163,6 +279,10 @@ class ShardSet:
 
     workers: list
     verdict: embeddings.Verdict
+    shards: list[Shard] = field(default_factory=list)
+    driver_bytes: list[int] = field(default_factory=list)  # received per Lloyd iteration
+    replaced: list[str] = field(default_factory=list)  # what each replacement of a lost shard was for
+    progress: object = None
 
     @property
     def n(self) -> int:
@@ -173,51 +293,109 @@ class ShardSet:
         return self.verdict.dim
 
     @staticmethod
-    def load(source, workers: int = 0, stage: str = "select", dim: int | None = None) -> "ShardSet":
-        """Start workers over the embeddings files (a folder URI or a list of files), judge
-        every row on the driver (`dim`: the dimension the embed stage recorded, else the
-        majority's), and leave the accepted rows on the workers."""
+    def load(source, workers: int = 0, stage: str = "select", dim: int | None = None, progress=None) -> "ShardSet":
+        """Start workers over the embeddings files (a folder URI or a list of files), one per
+        node by default, judge every row on the driver (`dim`: the dimension the embed stage
+        recorded, else the majority's), and leave the accepted rows on the workers."""
         files = io.list_files(source, (".parquet",)) if isinstance(source, str) else list(source)
-        cpus = float(ray.cluster_resources().get("CPU", 1))
-        count = max(1, min(len(files), workers or int(cpus)))
-        groups = [list(g) for g in np.array_split(np.array(files, dtype=object), count) if len(g)]
-        # Workers hold their rows for the whole selection; reserving whole CPUs would leave none
-        # for the scoring tasks that run beside them (a deadlock), so each reserves a quarter.
-        actors = [ShardWorker.options(num_cpus=SHARD_CPUS).remote(group) for group in groups]
+        places = shard_nodes(workers)[: max(1, len(files))]
+        groups = [list(g) for g in np.array_split(np.array(files, dtype=object), len(places))]
+        actors = [start_worker(group, node, threads) for group, (node, threads) in zip(groups, places)]
         try:
-            return ShardSet._judge_and_keep(actors, stage, dim)
+            return ShardSet._judge_and_keep(actors, groups, stage, dim, progress)
         except BaseException:
             for actor in actors:  # nobody else holds them yet
                 ray.kill(actor)
             raise
 
     @staticmethod
-    def _judge_and_keep(actors: list, stage: str, dim: int | None) -> "ShardSet":
+    def _judge_and_keep(actors: list, groups: list[list[str]], stage: str, dim: int | None,
+                        progress) -> "ShardSet":
         reports = ray.get([a.scan.remote() for a in actors])
         verdict = embeddings.judge([r for group in reports for r in group], stage, dim)
         masks = iter(verdict.accepted)
         next_index = 0
-        per_actor = []
-        for group in reports:
-            group_masks, group_starts = [], []
-            for _ in group:
-                mask = next(masks)
-                group_masks.append(mask)
-                group_starts.append(next_index)
-                next_index += int(mask.sum())
-            per_actor.append((group_masks, group_starts))
-        ray.get([a.keep.remote(m, s, verdict.dim) for a, (m, s) in zip(actors, per_actor)])
-        return ShardSet(actors, verdict)
+        shards = []
+        for files in groups:
+            shard = Shard(files, [], [])
+            for _ in files:
+                shard.masks.append(next(masks))
+                shard.first_index.append(next_index)
+                next_index += int(shard.masks[-1].sum())
+            shards.append(shard)
+        ray.get([a.keep.remote(s.masks, s.first_index, verdict.dim) for a, s in zip(actors, shards)])
+        for shard, node in zip(shards, ray.get([a.node.remote() for a in actors])):
+            shard.node = node
+        return ShardSet(actors, verdict, shards, progress=progress)
 
     def close(self) -> None:
         for worker in self.workers:
             ray.kill(worker)
 
+    def plan(self) -> dict:
+        """Where the shards ran, for the manifest."""
+        per_iteration = int(np.mean(self.driver_bytes)) if self.driver_bytes else 0
+        return {"shard_workers": len(self.workers), "nodes": sorted({s.node for s in self.shards}),
+                "driver_bytes_per_iteration": per_iteration, "shards_replaced": list(self.replaced)}
+
+    def heal(self, why: str) -> int:
+        """Replace each worker that no longer answers with a new one over the same files, on
+        a node that is alive; the number replaced."""
+        answers = [w.node.remote() for w in self.workers]
+        dead = []
+        for i, answer in enumerate(answers):
+            try:
+                ray.get(answer, timeout=60)
+            except (*LOST, GetTimeoutError):
+                dead.append(i)
+        alive = shard_nodes()
+        for turn, i in enumerate(dead):
+            ray.kill(self.workers[i])
+            node, threads = alive[turn % len(alive)]
+            shard = self.shards[i]
+            began = time.perf_counter()
+            self.workers[i] = start_worker(shard.files, node, threads)
+            ray.get(self.workers[i].reload.remote(shard.masks, shard.first_index, self.dim))
+            shard.node = node
+            note = (f"shard {i} lost during {why}: reloaded {len(shard.files)} file(s) on node {node[:12]} "
+                    f"in {time.perf_counter() - began:.1f}s")
+            self.replaced.append(note)
+            if self.progress:
+                self.progress(note)
+        return len(dead)
+
+    def survive(self, why: str, phase):
+        """`phase()`, run again after replacing lost shards when a node is lost during it.
+        Every phase is a deterministic function of the shards' rows, so a rerun gives what
+        an uninterrupted one would have."""
+        for attempt in range(HEAL_ATTEMPTS + 1):
+            try:
+                return phase()
+            except Exception as error:
+                if not lost(error) or attempt == HEAL_ATTEMPTS:
+                    raise
+                if not self.heal(why):
+                    time.sleep(1.0)  # the loss is still being noticed: look again
+
     def unit_rows_at(self, wanted: np.ndarray) -> np.ndarray:
-        parts = ray.get([w.unit_rows_at.remote(wanted) for w in self.workers])
+        def gather():
+            return ray.get([w.unit_rows_at.remote(wanted) for w in self.workers])
+
+        parts = self.survive("the k-means start", gather)
         index = np.concatenate([i for i, _ in parts])
         rows = np.concatenate([r for _, r in parts])
         return rows[np.argsort(index)]
+
+    def reduced_sums(self, shared: ray.ObjectRef, fit: tuple) -> PartialSums:
+        """Every shard's partial sums, added pairwise on the workers (a tree), so that the
+        driver receives one (K, D) matrix however many shards there are."""
+        level = [(w, w.step.remote(shared, fit)) for w in self.workers]
+        while len(level) > 1:
+            paired = []
+            for (worker, first), (_, second) in zip(level[0::2], level[1::2]):
+                paired.append((worker, worker.add.remote(first, second)))
+            level = paired + level[len(paired) * 2 :]  # an odd one out waits for the next level
+        return ray.get(level[0][1])
 
     def kmeans(self, k: int, *, iterations: int, seed: int, init=None, sample_fraction: float = 1.0,
                progress=None) -> KMeansResult:
@@ -235,12 +413,20 @@ class ShardSet:
         gauges.set(0, 0.0)
         for done in range(iterations):
             if done == hold_at:
-                hold(f"k-means before iteration {done}")
+                hold(f"k-means before iteration {done}", release_file())
             began = time.perf_counter()
-            shared = ray.put(centroids)  # sent once per iteration, read by every shard
-            stats = PartialSums.combine(as_completed([w.step.remote(shared, fit) for w in self.workers]))
-            m = spare_needed(stats.counts)
-            spare = Spare.combine(ray.get([w.spare.remote(m) for w in self.workers]), m) if m else None
+
+            def iteration(centroids=centroids):
+                shared = ray.put(centroids)  # sent once per iteration, read by every shard
+                stats = self.reduced_sums(shared, fit)
+                m = spare_needed(stats.counts)
+                spares = ray.get([w.spare.remote(m) for w in self.workers]) if m else []
+                received = stats.sums.nbytes + stats.counts.nbytes + sum(
+                    sum(a.nbytes for a in (p.rows, p.cosine, p.cluster, p.index)) for p in spares)
+                return stats, (Spare.combine(spares, m) if m else None), received
+
+            stats, spare, received = self.survive(f"k-means iteration {done + 1}", iteration)
+            self.driver_bytes.append(received)
             centroids = update_centroids(stats, spare, centroids)
             gauges.set(done + 1, time.perf_counter() - began)
             if progress and (done + 1) % max(1, iterations // 10) == 0:
@@ -248,8 +434,12 @@ class ShardSet:
                 progress(f"k-means {'[' + '#' * (24 * (done + 1) // iterations)}"
                          f"{'-' * (24 - 24 * (done + 1) // iterations)}] {done + 1}/{iterations} iterations"
                          + (f", {empty} empty clusters reseeded" if empty else ""))
-        shared = ray.put(centroids)
-        parts = ray.get([w.assign_all.remote(shared) for w in self.workers])
+
+        def assign_all():
+            shared = ray.put(centroids)
+            return ray.get([w.assign_all.remote(shared) for w in self.workers])
+
+        parts = self.survive("the final assignment", assign_all)
         index = np.concatenate([p[0] for p in parts])
         order = np.argsort(index)
         cluster = np.concatenate([p[1] for p in parts])[order]

@@ -23,15 +23,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from coincide_ray import io, schema
+from coincide_ray import io, resources, schema
 from coincide_ray.config import EmbedConfig, JobConfig
 from coincide_ray.embed import model as model_io
 from coincide_ray.embed.msa import default_layers, extract_msa_embeddings
 from coincide_ray.embed.preprocess import STAGE, PreparedBlock, Preprocessor, block_signature, fingerprint_block
 from coincide_ray.embed.reuse import PreviousVectors, fetch_vectors, run_salt
-from coincide_ray.holds import hold, hold_point
+from coincide_ray.holds import hold, hold_point, release_file
 from coincide_ray.manifest import library_versions
 from coincide_ray.records import Record, Rejection, accepted_records
+from coincide_ray.resources import Wanted, capped
 
 
 MODEL_FAILED = "model failed"  # the one rejection that can pass (a GPU out of memory): never reused
@@ -67,9 +68,11 @@ class PrepareWorker:
 class ModelWorker:
     """Ray Data UDF (GPU actor, or CPU where there is none): batches -> pooled vectors."""
 
-    def __init__(self, model_uri: str, embed: EmbedConfig, layers: tuple[int, ...], threads: int):
+    def __init__(self, model_uri: str, embed: EmbedConfig, layers: tuple[int, ...], threads: int,
+                 hold_from: int | None = None, release: str | None = None):
         import torch
 
+        self.hold_from, self.release = hold_from, release  # tests only (coincide_ray.holds)
         if threads:
             torch.set_num_threads(threads)
         self.loaded = model_io.load_model(model_uri, embed)
@@ -80,6 +83,8 @@ class ModelWorker:
 
     def __call__(self, row: dict) -> dict:
         prepared: PreparedBlock = row["prepared"]
+        if self.hold_from is not None and prepared.block >= self.hold_from:
+            hold(f"model actor holds block {prepared.block}", self.release)
         n = len(prepared.ids)
         result = EmbeddedBlock(prepared.block, prepared.ids, [None] * n, np.zeros(n, np.int32),
                                np.zeros(n, np.int32), prepared.rejected, prepared.fingerprints, prepared.reused,
@@ -173,13 +178,13 @@ def progress_bar(done: int, total: int, width: int = 24) -> str:
     return "[" + "#" * filled + "-" * (width - filled) + f"] {done}/{total}"
 
 
-def write_block(row: dict, output: str, hold_from: int | None = None) -> dict:
+def write_block(row: dict, output: str, hold_from: int | None = None, release: str | None = None) -> dict:
     """Publish one block's file; returns the counts the driver shows and totals.
-    `hold_from` (tests only, coincide_ray.holds): blocks from that number on are never
-    published."""
+    `hold_from` (tests only, coincide_ray.holds): blocks from that number on are not
+    published, ever or until the `release` file exists."""
     result: EmbeddedBlock = row["result"]
     if hold_from is not None and result.block >= hold_from:
-        hold(f"block {result.block} not published")
+        hold(f"block {result.block} not published", release)
     for position, (vector, image, text) in fetch_vectors(result.reused).items():
         result.vectors[position] = vector
         result.image_tokens[position], result.text_tokens[position] = image, text
@@ -203,6 +208,7 @@ class EmbedResult:
     reused: int  # records whose vector was copied from config.previous
     truncated: int  # records cut to the model's context
     seconds: float
+    resources: dict | None = None  # the pool that ran (None when every block was reused)
 
 
 def resolve_layers(config: JobConfig) -> tuple[JobConfig, int]:
@@ -247,25 +253,58 @@ def check_provenance(config: JobConfig, hidden: int, output: str) -> dict:
 
 @dataclass(frozen=True)
 class Pool:
-    actors: int  # model actors
-    gpus: float  # GPUs per model actor
+    device: str  # "gpu" or "cpu": what the model actors ask Ray for
+    actors: tuple[int, int]  # model actors: (fewest, most); the pool grows as room appears
+    gpus: float  # GPUs each model actor asks for
     threads: int  # torch threads per model actor (0: leave torch's default)
-    preparers: int  # CPU workers preparing blocks
+    preparers: tuple[int, int]  # CPU workers preparing blocks: (fewest, most)
+
+    def wanted(self) -> Wanted:
+        """What must be placeable before the pipeline starts: the fewest model actors."""
+        per = {"GPU": self.gpus} if self.device == "gpu" else {"CPU": 1.0}
+        return Wanted("model actor", per, self.actors[0])
 
 
-def plan_pool(embed: EmbedConfig) -> Pool:
-    """One model actor per GPU; without GPUs one CPU actor whose torch threads use every
-    core (the forward pass dominates, preparation only needs a share of a core)."""
-    resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-    actors = embed.actors or max(1, gpus)
-    if gpus:
-        pool = Pool(actors, 1.0, 0, max(1, cpus - 1))
+def resolve_device(embed: EmbedConfig) -> str:
+    """embed.device, with auto meaning gpu when the cluster has GPUs or can add them."""
+    if embed.device != "auto":
+        return embed.device
+    return "gpu" if resources.reachable().get("GPU", 0) > 0 else "cpu"
+
+
+def plan_pool(embed: EmbedConfig, blocks: int) -> Pool:
+    """The embedding pool, planned from what the run asks for and what the cluster can reach
+    (its autoscaler's node types included), not from what is up this second.
+
+    On GPUs: actors asking for embed.gpus_per_actor each, autoscaling from 1 to
+    embed.max_actors (default: the reachable GPUs / gpus_per_actor), or exactly embed.actors.
+    On CPUs: embed.actors (default 1) actors sharing the cores' torch threads. Preparers:
+    the CPUs the model actors leave, at least one, growing with the cluster."""
+    device = resolve_device(embed)
+    most = resources.reachable()
+    cpus_now, cpus_most = int(resources.present().get("CPU", 0)), most.get("CPU", 0)
+    if device == "gpu":
+        high = embed.max_actors or max(1, capped(most.get("GPU", 0) // embed.gpus_per_actor, blocks))
+        actors = (embed.actors, embed.actors) if embed.actors else (1, max(1, min(high, blocks)))
+        gpus, threads, cpus_for_model = embed.gpus_per_actor, 0, 0
     else:
-        pool = Pool(actors, 0.0, max(1, cpus // actors), max(1, cpus - actors))
+        count = embed.actors or 1
+        actors, gpus, threads, cpus_for_model = (count, count), 0.0, max(1, cpus_now // count), count
     if embed.prepare_workers:
-        pool = Pool(pool.actors, pool.gpus, pool.threads, embed.prepare_workers)
-    return pool
+        preparers = (embed.prepare_workers, embed.prepare_workers)
+    else:
+        preparers = (1, max(1, capped(cpus_most - cpus_for_model, blocks)))
+    return Pool(device, actors, gpus, threads, preparers)
+
+
+def pool_text(pool: Pool) -> str:
+    """The pool in words, for progress lines and the manifest."""
+    low, high = pool.actors
+    actors = f"{low}" if low == high else f"{low} to {high}"
+    each = f"{pool.gpus:g} GPU each" if pool.device == "gpu" else f"{pool.threads} torch thread(s) each"
+    low, high = pool.preparers
+    preparers = f"{low}" if low == high else f"{low} to {high}"
+    return f"{actors} model actor(s), {each}; {preparers} preparer(s)"
 
 
 def part_files(output: str) -> dict[str, str]:
@@ -340,6 +379,7 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
     progress(f"embed: {records} records in {len(blocks)} blocks; {len(unchanged)} finished and unchanged, "
              f"{len(pending)} to embed")
     embedded = reused = truncated = 0
+    plan = None
     for check in unchanged.values():
         reused += check["records"] - check["rejected"]
     if pending:
@@ -348,13 +388,24 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
             previous = PreviousVectors.of_run(config.previous)
             progress(f"embed: {len(previous)} vectors of {config.previous} can be reused by fingerprint")
             previous = ray.put(previous)  # sent once to every CPU worker
-        pool = plan_pool(config.embed)
+        pool = plan_pool(config.embed, len(pending))
+        progress(f"embed: model on {pool.device.upper()}: {pool_text(pool)}")
+        waited = resources.wait_for(pool.wanted(), config.embed.wait_for_resources_s,
+                                    progress=lambda line: progress(f"embed: {line}"))
+        if waited:
+            progress(f"embed: waited {waited:.0f} s for the cluster; starting")
+        plan = {"device": pool.device, "model_actors": list(pool.actors), "gpus_per_actor": pool.gpus,
+                "torch_threads": pool.threads, "preparers": list(pool.preparers), "waited_s": round(waited, 1)}
         ds = ray.data.from_items([{"block": i, "items": blocks[i]} for i in pending], override_num_blocks=len(pending))
         ds = ds.map(PrepareWorker, fn_constructor_args=(config.model, config.embed, config.image_root, salt, previous),
-                    concurrency=pool.preparers, num_cpus=1)
-        ds = ds.map(ModelWorker, fn_constructor_args=(config.model, config.embed, config.layers, pool.threads),
-                    concurrency=pool.actors, num_gpus=pool.gpus, num_cpus=0 if pool.gpus else 1)
-        ds = ds.map(write_block, fn_kwargs={"output": out, "hold_from": hold_point("embed-block")}, num_cpus=0.25)
+                    compute=ray.data.ActorPoolStrategy(min_size=pool.preparers[0], max_size=pool.preparers[1]),
+                    num_cpus=1)
+        ds = ds.map(ModelWorker, fn_constructor_args=(config.model, config.embed, config.layers, pool.threads,
+                                                      hold_point("embed-model"), release_file()),
+                    compute=ray.data.ActorPoolStrategy(min_size=pool.actors[0], max_size=pool.actors[1]),
+                    num_gpus=pool.gpus, num_cpus=0 if pool.gpus else 1)
+        ds = ds.map(write_block, fn_kwargs={"output": out, "hold_from": hold_point("embed-block"),
+                                            "release": release_file()}, num_cpus=0.25)
         began = time.perf_counter()
         for finished, summary in enumerate(ds.iter_rows(), start=1):
             embedded += summary["records"] - summary["rejected"] - summary["reused"]
@@ -373,4 +424,4 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
             progress(f"embed: removed {name}, a block the input no longer has")
     io.write_json({"parts": listing, "records": records}, io.join(out, schema.EMBEDDINGS_DONE_PATH))
     return EmbedResult(len(blocks), len(unchanged), records, embedded, reused, truncated,
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, plan)

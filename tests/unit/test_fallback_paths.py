@@ -146,3 +146,69 @@ def test_a_block_with_a_model_failure_is_redone_on_the_next_run(tmp_path):
 
     assert part_signature(part("not an image"), 4) == ([("a", "f" * 64), ("b", "e" * 64)], 1)
     assert part_signature(part("model failed"), 4) is None
+
+
+def test_scoring_buckets_are_bounded_by_the_bytes_of_their_rows():
+    from coincide_ray.select.stage import BUCKET_BYTES, plan_buckets
+
+    dim = 20_480
+    cap = BUCKET_BYTES // (4 * dim)  # rows per bucket at this dimension
+    sizes = np.full(80, 66, dtype=np.int64)  # small clusters: kernel work alone would pack them all in one
+    bucket = plan_buckets(sizes, memory_bytes=2**30, dim=dim)
+    rows = np.bincount(bucket, weights=sizes)
+    assert len(rows) > 1 and rows.max() <= cap
+    assert np.array_equal(plan_buckets(sizes, memory_bytes=2**30), np.zeros(80, np.int64))  # no dimension: one
+
+
+def test_a_shard_keeps_a_fully_accepted_file_as_its_decoded_buffer(tmp_path):
+    from coincide_ray.embeddings import accepted_rows, judge, read_file
+
+    x = np.arange(5 * 4, dtype=np.float32).reshape(5, 4)
+    path = str(tmp_path / "part.parquet")
+    io.write_parquet(schema.embeddings_table([f"s{i}" for i in range(5)], x), path)
+    rows, values = read_file(path)
+    verdict = judge([rows])
+    kept = accepted_rows(rows, values, verdict.accepted[0], verdict.dim)
+    assert len(kept) == len(values) == 1 and np.array_equal(kept[0], x)
+    assert np.shares_memory(kept[0], values[0][1])  # no second copy of the share
+
+    mask = np.array([True, False, True, True, False])
+    dropped = accepted_rows(rows, values, mask, 4)
+    assert np.array_equal(dropped[0], x[mask]) and not np.shares_memory(dropped[0], values[0][1])
+
+
+def test_a_file_read_in_batches_keeps_its_rows_in_order(tmp_path, monkeypatch):
+    from coincide_ray import embeddings
+
+    monkeypatch.setattr(embeddings, "READ_BATCH_ROWS", 3)
+    x = np.arange(8 * 2, dtype=np.float32).reshape(8, 2)
+    vectors = [list(row) for row in x]
+    vectors[4] = None  # a null vector in the second batch
+    table = pa.table({schema.SAMPLE_ID: [f"s{i}" for i in range(8)],
+                      schema.EMBEDDING: pa.array(vectors, pa.list_(pa.float32()))})
+    path = str(tmp_path / "part.parquet")
+    io.write_parquet(table, path)
+    rows, values = embeddings.read_file(path)
+    assert [count for count, _ in values] == [3, 3, 2] and rows.lengths.tolist() == [2, 2, 2, 2, -1, 2, 2, 2]
+    verdict = embeddings.judge([rows])
+    blocks = embeddings.accepted_rows(rows, values, verdict.accepted[0], verdict.dim)
+    assert np.array_equal(np.concatenate(blocks), np.delete(x, 4, axis=0))
+
+
+def test_shard_blocks_address_rows_across_files_and_view_consecutive_runs():
+    from coincide_ray.cluster.stage import Blocks
+
+    rng = np.random.default_rng(0)
+    parts = [rng.standard_normal((n, 3)).astype(np.float32) for n in (4, 0, 5, 3)]
+    whole = np.concatenate(parts)
+    blocks = Blocks(parts, 3)
+    assert len(blocks) == 12
+    for rows in (np.arange(12), np.array([0, 2, 3, 4, 8, 9, 11]), np.array([5]), np.zeros(0, np.int64)):
+        assert np.array_equal(blocks.take(rows), whole[rows])
+        seen = np.zeros(len(rows), bool)
+        for where, vectors in blocks.pieces(rows, max_rows=2):
+            assert len(vectors) <= 2 and np.array_equal(vectors, whole[rows[where]])
+            seen[where] = True
+            if rows[where][-1] - rows[where][0] + 1 == len(vectors):
+                assert any(np.shares_memory(vectors, part) for part in parts)  # a run is a view, not a copy
+        assert seen.all()

@@ -54,6 +54,7 @@ def test_rayjob():
 
     args = build_parser().parse_args(["run", *words[2:]])  # exits on a flag the CLI does not have
     assert args.clusters == 10000 and args.output.startswith("s3://")
+    assert args.device == "gpu" and Path(args.config).name == "gpu-plan.yaml"  # the GPU plan is stated
     assert job["spec"]["shutdownAfterJobFinishes"] is True
     check_cluster_spec(job["spec"]["rayClusterSpec"])
 
@@ -65,6 +66,16 @@ def test_raycluster_and_service_account():
     account = load("kuberay/serviceaccount.yaml")
     assert account["kind"] == "ServiceAccount" and account["metadata"]["name"] == "coincide-ray"
     assert "eks.amazonaws.com/role-arn" in account["metadata"]["annotations"]
+
+
+def test_the_gpu_plan_asks_for_what_the_gpu_nodes_have():
+    from coincide_ray.config import JobConfig
+
+    plan = JobConfig.from_dict({"output": "s3://b/o", **load("gpu-plan.yaml")})
+    launcher = load("aws/cluster.yaml")["available_node_types"]["gpu_worker"]
+    assert plan.embed.device == "gpu" and plan.embed.gpus_per_actor == launcher["resources"]["GPU"]
+    assert plan.embed.max_actors == launcher["max_workers"] and plan.embed.wait_for_resources_s >= 600
+    assert plan.cluster.workers == 0  # one shard worker per node
 
 
 def test_cluster_launcher():
