@@ -32,13 +32,15 @@ SELECT_EXAMPLES = """examples:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the user must fix something: reported as one line, exit 2."""
     from coincide_ray.embed.model import ModelError
+    from coincide_ray.embed.stage import ResourcesUnavailable
     from coincide_ray.embeddings import MixedDimensionsError
     from coincide_ray.io import InputFormatError, StorageError
     from coincide_ray.pipeline import InputError
     from coincide_ray.schema import SchemaError
 
     errors: list[type[BaseException]] = [ConfigError, InputError, InputFormatError, ModelError, SchemaError,
-                                         StorageError, MixedDimensionsError, FileNotFoundError, PermissionError]
+                                         StorageError, MixedDimensionsError, ResourcesUnavailable, FileNotFoundError,
+                                         PermissionError]
     try:
         from botocore.exceptions import EndpointConnectionError, NoCredentialsError
 

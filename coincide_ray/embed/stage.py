@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from coincide_ray import io, resources, schema
+from coincide_ray import io, schema
 from coincide_ray.config import EmbedConfig, JobConfig
 from coincide_ray.embed import model as model_io
 from coincide_ray.embed.msa import default_layers, extract_msa_embeddings
@@ -32,7 +33,6 @@ from coincide_ray.embed.reuse import PreviousVectors, fetch_vectors, run_salt
 from coincide_ray.holds import hold, hold_point, release_file
 from coincide_ray.manifest import library_versions
 from coincide_ray.records import Record, Rejection, accepted_records
-from coincide_ray.resources import Wanted, capped
 
 
 MODEL_FAILED = "model failed"  # the one rejection that can pass (a GPU out of memory): never reused
@@ -251,6 +251,108 @@ def check_provenance(config: JobConfig, hidden: int, output: str) -> dict:
     return wanted
 
 
+# What the Ray cluster has, what its autoscaler could add, and waiting for what the pool asks:
+# the pool is planned from what it asks for, never only from what happens to be up at the
+# first second (on an autoscaling cluster GPU nodes start from zero and join minutes later).
+
+WAIT_MESSAGE_EVERY_S = 10.0
+POLL_S = 0.5
+
+
+class ResourcesUnavailable(RuntimeError):
+    """The cluster did not offer what the run asked for within its wait."""
+
+
+def present() -> dict[str, float]:
+    """Resources of the nodes alive now."""
+    return dict(ray.cluster_resources())
+
+
+def reachable() -> dict[str, float]:
+    """The most of each resource the cluster could have: what is up now, or what its
+    autoscaler's node types add up to when that is more (sys.maxsize: no limit)."""
+    now = present()
+    try:
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # no autoscaler (a fixed cluster, a local Ray): only what is up
+        most = {}
+    return {key: max(now.get(key, 0.0), float(most.get(key, 0))) for key in set(now) | set(most)}
+
+
+def capped(value: float, limit: int) -> int:
+    """`value` as a count, at most `limit` (an autoscaler without a limit says sys.maxsize)."""
+    return int(min(value, limit, sys.maxsize))
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """`count` placements of `per` (e.g. 2 x {"GPU": 1}) that a stage waits for."""
+
+    what: str  # for messages: "model actor"
+    per: dict[str, float]
+    count: int = 1
+
+    def satisfied(self, nodes: list[dict[str, float]]) -> bool:
+        """Whether `count` bundles fit on the alive nodes' total resources (first fit)."""
+        free = [dict(node) for node in nodes]
+        for _ in range(self.count):
+            for node in free:
+                if all(node.get(key, 0.0) >= amount for key, amount in self.per.items()):
+                    for key, amount in self.per.items():
+                        node[key] -= amount
+                    break
+            else:
+                return False
+        return True
+
+    def describe(self) -> str:
+        shape = ", ".join(f"{amount:g} {key}" for key, amount in sorted(self.per.items()))
+        return f"{self.count} {self.what}(s) of {shape} each"
+
+
+def node_totals() -> list[dict[str, float]]:
+    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+
+
+def wait_for(wanted: Wanted, seconds: float, progress=print) -> float:
+    """Block until the cluster's nodes can hold `wanted`, asking the autoscaler for it while
+    waiting; seconds waited. ResourcesUnavailable, in one line, after `seconds`."""
+    began = time.monotonic()
+    if wanted.satisfied(node_totals()):
+        return 0.0
+    request_from_autoscaler([wanted.per] * wanted.count)
+    said = began
+    try:
+        while not wanted.satisfied(node_totals()):
+            waited = time.monotonic() - began
+            if waited >= seconds:
+                have = ", ".join(f"{value:g} {key}" for key, value in sorted(present().items())
+                                 if key in ("CPU", "GPU") or key in wanted.per) or "nothing"
+                raise ResourcesUnavailable(
+                    f"waited {seconds:g} s for {wanted.describe()} and the cluster still cannot place them "
+                    f"(it has {have}); add such nodes, raise embed.wait_for_resources_s, or choose --device cpu")
+            if time.monotonic() - said >= WAIT_MESSAGE_EVERY_S:
+                said = time.monotonic()
+                progress(f"waiting for {wanted.describe()}: {waited:.0f} s of at most {seconds:g} s")
+            time.sleep(POLL_S)
+    finally:
+        request_from_autoscaler([])  # the pool's own demand takes over from here
+    return time.monotonic() - began
+
+
+def request_from_autoscaler(bundles: list[dict[str, float]]) -> None:
+    """Ask the autoscaler to make room for `bundles` (an empty list withdraws the request).
+    A cluster without an autoscaler ignores it."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+    except Exception:  # not supported here: nothing scales, the wait alone decides
+        pass
+
+
 @dataclass(frozen=True)
 class Pool:
     device: str  # "gpu" or "cpu": what the model actors ask Ray for
@@ -269,7 +371,7 @@ def resolve_device(embed: EmbedConfig) -> str:
     """embed.device, with auto meaning gpu when the cluster has GPUs or can add them."""
     if embed.device != "auto":
         return embed.device
-    return "gpu" if resources.reachable().get("GPU", 0) > 0 else "cpu"
+    return "gpu" if reachable().get("GPU", 0) > 0 else "cpu"
 
 
 def plan_pool(embed: EmbedConfig, blocks: int) -> Pool:
@@ -281,8 +383,8 @@ def plan_pool(embed: EmbedConfig, blocks: int) -> Pool:
     On CPUs: embed.actors (default 1) actors sharing the cores' torch threads. Preparers:
     the CPUs the model actors leave, at least one, growing with the cluster."""
     device = resolve_device(embed)
-    most = resources.reachable()
-    cpus_now, cpus_most = int(resources.present().get("CPU", 0)), most.get("CPU", 0)
+    most = reachable()
+    cpus_now, cpus_most = int(present().get("CPU", 0)), most.get("CPU", 0)
     if device == "gpu":
         high = embed.max_actors or max(1, capped(most.get("GPU", 0) // embed.gpus_per_actor, blocks))
         actors = (embed.actors, embed.actors) if embed.actors else (1, max(1, min(high, blocks)))
@@ -390,7 +492,7 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
             previous = ray.put(previous)  # sent once to every CPU worker
         pool = plan_pool(config.embed, len(pending))
         progress(f"embed: model on {pool.device.upper()}: {pool_text(pool)}")
-        waited = resources.wait_for(pool.wanted(), config.embed.wait_for_resources_s,
+        waited = wait_for(pool.wanted(), config.embed.wait_for_resources_s,
                                     progress=lambda line: progress(f"embed: {line}"))
         if waited:
             progress(f"embed: waited {waited:.0f} s for the cluster; starting")

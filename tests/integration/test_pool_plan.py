@@ -12,8 +12,7 @@ PLAN = r"""
 import json, ray
 from ray.cluster_utils import Cluster
 from coincide_ray.config import EmbedConfig
-from coincide_ray.embed.stage import plan_pool
-from coincide_ray.resources import ResourcesUnavailable, wait_for
+from coincide_ray.embed.stage import ResourcesUnavailable, plan_pool, wait_for
 
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
 plans = {}
