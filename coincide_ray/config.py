@@ -24,8 +24,11 @@ def _fail_unless(condition: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    block_records: int = 64  # records per input block = per embeddings/part-*.parquet file
-    batch_size: int = 8  # samples per forward pass
+    # Records per input block = per embeddings/part-*.parquet file. A block's records are
+    # sorted by length into batches: the larger the block, the closer the neighbours.
+    block_records: int = 256
+    batch_size: int = 64  # records per forward pass at most
+    batch_tokens: int = 8192  # padded tokens per forward pass at most (rows x the longest); 0 = no limit
     # Where the model runs. auto = gpu when the cluster has GPUs now or its autoscaler can add
     # nodes that have them, else cpu. With gpu every model actor asks Ray for gpus_per_actor
     # GPUs and the run waits (wait_for_resources_s at most) for the first of them to join.
@@ -38,13 +41,17 @@ class EmbedConfig:
     max_actors: int = 0  # 0 = the GPUs the cluster has or its autoscaler can add, / gpus_per_actor
     prepare_workers: int = 0  # CPU workers decoding and tokenising; 0 = the CPUs the model actors leave
     max_image_pixels: int = 50_000_000  # larger images are rejected (decompression bombs)
-    dtype: str = "auto"  # auto = bfloat16 on GPUs that have it (else float16), float32 on CPU
+    dtype: str = "auto"  # the model's weights: auto = bfloat16 on GPUs that have it (else float16), float32 on CPU
+    # How the vectors are stored: float16 as the paper's authors do (half the bytes to write,
+    # read and hold; LLaVA-665K at D = 20,480 is 27 GB), or float32.
+    vector_dtype: str = "float16"
     trust_remote_code: bool = False  # run Python shipped with the checkpoint: only for checkpoints you trust
     model_cache: str = "~/.cache/coincide-ray/models"  # where s3:// checkpoints are copied, once per node
 
     def validate(self) -> None:
         _fail_unless(self.block_records >= 1, f"embed.block_records must be at least 1, got {self.block_records}")
         _fail_unless(self.batch_size >= 1, f"embed.batch_size must be at least 1, got {self.batch_size}")
+        _fail_unless(self.batch_tokens >= 0, f"embed.batch_tokens must be non-negative, got {self.batch_tokens}")
         _fail_unless(self.actors >= 0, f"embed.actors must be non-negative, got {self.actors}")
         _fail_unless(self.max_actors >= 0, f"embed.max_actors must be non-negative, got {self.max_actors}")
         devices = ("auto", "gpu", "cpu")
@@ -56,6 +63,9 @@ class EmbedConfig:
         _fail_unless(self.max_image_pixels >= 1, f"embed.max_image_pixels must be positive, got {self.max_image_pixels}")
         dtypes = ("auto", "float32", "bfloat16", "float16")
         _fail_unless(self.dtype in dtypes, f"embed.dtype must be one of {', '.join(dtypes)}, got {self.dtype!r}")
+        stored = ("float16", "float32")
+        _fail_unless(self.vector_dtype in stored,
+                     f"embed.vector_dtype must be one of {', '.join(stored)}, got {self.vector_dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,9 @@ class ClusterConfig:
     # large K at some cost in objective; 1.0 fits on all rows, as the paper does.
     sample_fraction: float = 1.0
     workers: int = 0  # shard workers holding the embeddings; 0 = one per node that has CPUs
+    # auto: a shard worker on a node with GPUs takes one and keeps its rows there (float16 as
+    # stored), products accumulated in float32; cpu: rows and arithmetic stay on the CPU.
+    device: str = "auto"
     # Start from the previous run's centroids (with `previous`, same K and dimension) instead
     # of a seeded draw: steadier clusters night to night, but the result then depends on
     # the history of runs, not only on this run's inputs.
@@ -76,6 +89,7 @@ class ClusterConfig:
         _fail_unless(0.0 < self.sample_fraction <= 1.0,
                      f"cluster.sample_fraction must lie in (0, 1], got {self.sample_fraction}")
         _fail_unless(self.workers >= 0, f"cluster.workers must be non-negative, got {self.workers}")
+        _fail_unless(self.device in ("auto", "cpu"), f"cluster.device must be auto or cpu, got {self.device!r}")
         _fail_unless(self.clusters >= 1, f"cluster.clusters must be at least 1, got {self.clusters}")
         _fail_unless(self.iterations >= 0, f"cluster.iterations must be non-negative, got {self.iterations}")
 

@@ -33,9 +33,11 @@ READ_BATCH_ROWS = 256  # rows decoded at a time (Arrow grows a batch's buffers w
 
 def read_file(uri: str) -> tuple[FileRows, list[tuple[int, np.ndarray]]]:
     """The file's rows, and its vectors per batch of READ_BATCH_ROWS rows: (rows in the
-    batch, one flat float32 array of their values; a null vector holds none, and a row's
-    vector ends at the cumulative sum of its batch's lengths). The flat arrays are Arrow's own decoded buffers
-    when the file holds float32 without nulls: keeping them costs no copy."""
+    batch, one flat array of their values; a null vector holds none, and a row's vector ends
+    at the cumulative sum of its batch's lengths). float16 vectors stay float16 (the k-means
+    arithmetic widens them chunk by chunk), any other type becomes float32. The flat arrays
+    are Arrow's own decoded buffers when the file holds float16 or float32 without nulls:
+    keeping them costs no copy."""
     file_schema, batches = io.read_parquet_batches(uri, READ_BATCH_ROWS)
     schema.require_columns(file_schema, [schema.SAMPLE_ID, schema.EMBEDDING], uri)
     ids, lengths, finite, values, earlier = [], [], [], [], []
@@ -45,7 +47,8 @@ def read_file(uri: str) -> tuple[FileRows, list[tuple[int, np.ndarray]]]:
         ids += batch.column(schema.SAMPLE_ID).cast(pa.string()).to_pylist()
         column = batch.column(schema.EMBEDDING)
         length = pc.fill_null(pc.list_value_length(column), -1).to_numpy(zero_copy_only=False).astype(np.int64)
-        flat = pc.list_flatten(column).cast(pa.float32())
+        flat = pc.list_flatten(column)
+        flat = flat if flat.type in (pa.float16(), pa.float32()) else flat.cast(pa.float32())
         if flat.null_count:  # a null element inside a vector: NaN, which judge() rejects
             flat = pc.fill_null(flat, float("nan"))
         flat = flat.to_numpy(zero_copy_only=False)  # no copy when there are no nulls
@@ -134,7 +137,7 @@ def judge(files: list[FileRows], stage: str = "select", dim: int | None = None) 
 
 def accepted_rows(rows: FileRows, values: list[tuple[int, np.ndarray]], mask: np.ndarray,
                   dim: int) -> list[np.ndarray]:
-    """The accepted rows of one file as (n, dim) float32 blocks, one per batch of `values`.
+    """The accepted rows of one file as (n, dim) blocks (float16 or float32, as read), one per batch of `values`.
     A batch whose vectors are all accepted (the usual case) is its flat array reshaped: no
     copy. The others are copied without their rejected rows."""
     blocks, start = [], 0
@@ -146,6 +149,6 @@ def accepted_rows(rows: FileRows, values: list[tuple[int, np.ndarray]], mask: np
         else:
             ends = np.cumsum(np.maximum(lengths, 0))
             blocks.append(np.stack([flat[end - dim : end] for end in ends[keep]]) if keep.any()
-                          else np.zeros((0, dim), np.float32))
+                          else np.zeros((0, dim), flat.dtype))
         start += count
     return blocks

@@ -124,7 +124,7 @@ class LazyShards:
             return self.shards
         start = time.perf_counter()
         self.shards = shards = ShardSet.load(self.files, self.config.cluster.workers, dim=self.dimension,
-                                             progress=self.progress)
+                                             progress=self.progress, device=self.config.cluster.device)
         data = shards.verdict
         self.seconds = time.perf_counter() - start
         self.progress(f"read {data.records} records from {len(self.files)} file(s) onto {len(shards.workers)} "

@@ -150,6 +150,7 @@ def measure(config: JobConfig, count: int) -> float:
     loaded = load_model(config.model, config.embed)
     layers = config.layers or default_layers(model_shape(config).depth)
     pre = Preprocessor(loaded.processor, image_root=config.image_root, batch_size=config.embed.batch_size,
+                       batch_tokens=config.embed.batch_tokens,
                        max_image_pixels=config.embed.max_image_pixels,
                        max_tokens=context_length(local_copy(config.model, config.embed.model_cache)))
     items = [item for block in plan_blocks(config.input, count) for item in block][:count]

@@ -36,19 +36,26 @@ FINGERPRINT = "fingerprint"
 
 # One file per input block: every record of the block, in block order. Rejected records
 # have a null embedding and say why in stage/reason/detail, so a block's accounting is one
-# atomic file.
-EMBEDDINGS = pa.schema(
-    [
-        (SAMPLE_ID, pa.string()),
-        (EMBEDDING, pa.list_(pa.float32())),
-        (IMAGE_TOKENS, pa.int32()),
-        (TEXT_TOKENS, pa.int32()),
-        (FINGERPRINT, pa.string()),
-        (STAGE, pa.string()),
-        (REASON, pa.string()),
-        (DETAIL, pa.string()),
-    ]
-)
+# atomic file. Vectors are float16 (the default, as the paper's authors store them) or float32.
+VECTOR_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+def embeddings_schema(vector_dtype: str = "float32") -> pa.Schema:
+    return pa.schema(
+        [
+            (SAMPLE_ID, pa.string()),
+            (EMBEDDING, pa.list_(VECTOR_TYPES[vector_dtype])),
+            (IMAGE_TOKENS, pa.int32()),
+            (TEXT_TOKENS, pa.int32()),
+            (FINGERPRINT, pa.string()),
+            (STAGE, pa.string()),
+            (REASON, pa.string()),
+            (DETAIL, pa.string()),
+        ]
+    )
+
+
+EMBEDDINGS = embeddings_schema()
 
 # Paths under --output.
 EMBEDDINGS_DIR = "embeddings"

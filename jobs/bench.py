@@ -24,7 +24,7 @@ from benchkit import report
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ["bench_select.py", "bench_kmeans.py", "bench_embed.py", "bench_selection_stage.py", "bench_real_dimension.py",
-           "bench_cluster_traffic.py"]
+           "bench_cluster_traffic.py", "bench_batching.py", "bench_fetch.py"]
 
 
 def is_figure(line: str) -> bool:

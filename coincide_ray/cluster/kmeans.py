@@ -5,17 +5,21 @@ statistics, then `update_centroids`. The distributed version runs the first two 
 shards live and sums what they return. Per-cluster sums are kept in int64 fixed point
 (2^-36 resolution), so adding them is exact and the result is the same bits however the
 rows are split into shards and in whatever order the parts arrive.
+
+The arithmetic is torch on a device: the rows stay in the dtype they were stored in
+(float16 or float32; bfloat16 on a GPU) and are widened to float32 a chunk at a time. A GPU
+shard runs exactly this code with device "cuda"; the CPU tests exercise it with "cpu".
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import torch
 
-from coincide_ray.arrays import check_finite, unit_rows
+from coincide_ray.arrays import check_finite
 
 
 def initial_draw(n: int, d: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -23,7 +27,7 @@ def initial_draw(n: int, d: int, k: int, seed: int) -> tuple[np.ndarray, np.ndar
     vectors for the rest when there are fewer rows than k (those clusters may stay empty)."""
     rng = np.random.default_rng(seed)
     picks = np.sort(rng.choice(n, size=min(n, k), replace=False)) if n else np.zeros(0, np.int64)
-    filler = unit_rows(rng.standard_normal((k - len(picks), d))) if k > len(picks) else np.zeros((0, d), np.float32)
+    filler = normalised(rng.standard_normal((k - len(picks), d))) if k > len(picks) else np.zeros((0, d), np.float32)
     return picks.astype(np.int64), filler
 
 
@@ -40,34 +44,65 @@ def sample_mask(n: int, fraction: float, seed: int) -> np.ndarray:
 
 
 FIXED_POINT = 2.0**36  # sums of up to 2^27 unit rows per cluster fit in int64
+SCORE_ELEMENTS = 2**22  # row-centroid products held at a time (16 MB of float32)
+
+
+def as_tensor(rows, device: str = "cpu") -> torch.Tensor:
+    """Rows as a tensor on `device` in their own dtype (float16 stays float16). On the CPU
+    a numpy array's buffer is shared, not copied; Arrow's read-only buffers included."""
+    if isinstance(rows, torch.Tensor):
+        return rows.to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # not writable: nothing here writes to it
+        return torch.from_numpy(np.asarray(rows)).to(device)
+
+
+def unit(rows: torch.Tensor) -> torch.Tensor:
+    """Rows widened to float32 and scaled to unit L2 norm; zero rows stay zero.
+
+    Every k-means path normalises through this function. The norm is summed in float64 and
+    then rounded to float32, so a row gets the same unit vector whether it is normalised
+    alone or among thousands (a float32 sum's order, and so its last bit, depends on how the
+    library splits the reduction; the float64 sum would have to land within 1e-16 of a
+    float32 rounding boundary to show it)."""
+    x = rows.float()
+    norms = torch.linalg.vector_norm(x.double(), dim=1, keepdim=True).float()
+    return torch.where(norms > 0, x / norms.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+
+
+def normalised(rows) -> np.ndarray:
+    """`unit` for numpy rows on the CPU: float32 unit rows."""
+    return unit(as_tensor(rows)).numpy()
 
 
 class CentroidIndex:
-    """The centroids in a faiss inner-product index: built once per Lloyd step, searched
-    chunk by chunk (at K = 10,000, D = 20,480 the centroids are 0.8 GB: copy them once)."""
+    """The centroids as float32 on the rows' device: products with rows of any dtype are
+    accumulated in float32, a chunk of rows at a time. On a GPU node the rows stay there in
+    float16 or bfloat16; on the CPU the same code runs in float32."""
 
-    def __init__(self, centroids: np.ndarray):
-        self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-        self.index = faiss.IndexFlatIP(self.centroids.shape[1])
-        self.index.add(self.centroids)
+    def __init__(self, centroids: np.ndarray, device: str = "cpu"):
+        self.centroids = as_tensor(np.ascontiguousarray(centroids, dtype=np.float32), device)
+        self.rows_at_a_time = max(1, SCORE_ELEMENTS // max(len(centroids), 1))
 
-    def assign(self, x_unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Nearest centroid by cosine for each unit row: (cluster int64, cosine float32).
+    def assign(self, x_unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest centroid by cosine for each float32 unit row: (cluster int64, cosine float32).
 
-        The cosine is recomputed row by row: faiss's batched product can differ in the last
-        bit with the batch a row is in, and these cosines pick the rows that reseed empty
-        clusters."""
-        if len(x_unit) == 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        _, cluster = self.index.search(np.ascontiguousarray(x_unit, dtype=np.float32), 1)
-        cluster = cluster[:, 0].astype(np.int64)
-        cosine = np.einsum("ij,ij->i", x_unit, self.centroids[cluster])
-        return cluster, cosine.astype(np.float32, copy=False)
+        The cosine is recomputed row by row in float64: a product's last bit can depend on
+        the batch a row is in, and these cosines pick the rows that reseed empty clusters."""
+        cluster = torch.empty(len(x_unit), dtype=torch.int64, device=x_unit.device)
+        cosine = torch.empty(len(x_unit), dtype=torch.float32, device=x_unit.device)
+        for start in range(0, len(x_unit), self.rows_at_a_time):
+            part = slice(start, start + self.rows_at_a_time)
+            nearest = torch.argmax(x_unit[part] @ self.centroids.T, dim=1)  # the first of equals
+            cluster[part] = nearest
+            cosine[part] = (x_unit[part].double() * self.centroids[nearest].double()).sum(dim=1).float()
+        return cluster, cosine
 
 
 def assign(x_unit: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid by cosine for each unit row (see CentroidIndex.assign)."""
-    return CentroidIndex(centroids).assign(x_unit)
+    """Nearest centroid by cosine for each unit row (see CentroidIndex.assign), on the CPU."""
+    cluster, cosine = CentroidIndex(centroids).assign(as_tensor(x_unit).float())
+    return cluster.numpy(), cosine.numpy()
 
 
 @dataclass(frozen=True)
@@ -101,23 +136,33 @@ def to_fixed(rows: np.ndarray) -> np.ndarray:
 SUM_ELEMENTS = 2**21  # values converted and added at a time: small temporaries at any dimension
 
 
+class Sums:
+    """Per-cluster sums and counts of unit rows, kept on the rows' device while a shard adds
+    its chunks. Integer sums are exact in any order, so torch's scatter-add (on the CPU, or
+    with CUDA's atomics) gives the same bits as any other summation: it is `to_fixed` (torch
+    rounds half to even, as numpy does) fused with the add, SUM_ELEMENTS values at a time."""
+
+    def __init__(self, k: int, d: int, device: str = "cpu"):
+        self.sums = torch.zeros((k, d), dtype=torch.int64, device=device)
+        self.counts = torch.zeros(k, dtype=torch.int64, device=device)
+
+    def add(self, x_unit: torch.Tensor, cluster: torch.Tensor) -> None:
+        step = max(1, SUM_ELEMENTS // max(x_unit.shape[1], 1))
+        for start in range(0, len(x_unit), step):
+            part = slice(start, start + step)
+            self.sums.index_add_(0, cluster[part], (x_unit[part] * FIXED_POINT).round_().long())
+        self.counts += torch.bincount(cluster, minlength=len(self.counts))
+
+    def result(self) -> PartialSums:
+        return PartialSums(self.sums.cpu().numpy(), self.counts.cpu().numpy())  # no copy on the CPU
+
+
 def partial_sums(x_unit: np.ndarray, cluster: np.ndarray, k: int, into: PartialSums | None = None) -> PartialSums:
-    """Per-cluster sums and counts of one shard's unit rows, added to `into` in place when
-    given (a worker summing chunk by chunk keeps one (k, d) matrix, not one per chunk).
-    Integer sums are exact in any order, so torch's scatter-add gives the same bits as any
-    other summation; it is `to_fixed` (torch rounds half to even, as numpy does) fused with
-    the add, SUM_ELEMENTS values at a time."""
-    d = x_unit.shape[1]
-    total = into or PartialSums(np.zeros((k, d), np.int64), np.zeros(k, np.int64))
-    sums = torch.from_numpy(total.sums)  # shares memory: the adds land in total.sums
-    rows = torch.from_numpy(np.ascontiguousarray(x_unit, dtype=np.float32))
-    index = torch.from_numpy(np.ascontiguousarray(cluster, dtype=np.int64))
-    scale = float(FIXED_POINT)
-    step = max(1, SUM_ELEMENTS // max(d, 1))
-    for start in range(0, len(rows), step):
-        part = slice(start, start + step)
-        sums.index_add_(0, index[part], (rows[part] * scale).round_().long())
-    np.add(total.counts, np.bincount(cluster, minlength=k), out=total.counts)
+    """Per-cluster sums and counts of unit rows on the CPU, added to `into` in place when given."""
+    total = into or PartialSums(np.zeros((k, x_unit.shape[1]), np.int64), np.zeros(k, np.int64))
+    sums = Sums.__new__(Sums)
+    sums.sums, sums.counts = as_tensor(total.sums), as_tensor(total.counts)  # share memory: the adds land in total
+    sums.add(as_tensor(np.ascontiguousarray(x_unit, dtype=np.float32)), as_tensor(np.asarray(cluster, np.int64)))
     return total
 
 
@@ -174,7 +219,7 @@ def update_centroids(stats: PartialSums, spare: Spare | None, previous: np.ndarr
         reseeded[empty] = True
         used += 1
     filled = (counts > 0) & ~reseeded
-    centroids[filled] = unit_rows(sums[filled].astype(np.float64))
+    centroids[filled] = normalised(sums[filled].astype(np.float64))
     return centroids
 
 
@@ -200,7 +245,7 @@ def spherical_kmeans(
     """Spherical (cosine) k-means.
 
     Rows are L2-normalised; each of `iterations` Lloyd rounds assigns every row to its
-    nearest centroid (faiss inner-product search), then sets each centroid to the
+    nearest centroid (a float32 product with the centroids), then sets each centroid to the
     normalised mean of its rows. A final assignment gives `assignments` and `objective`.
     `init` (k, d) replaces the seeded draw of k rows, e.g. a previous run's centroids.
     `sample_fraction` < 1 fits the centroids on a seeded sample of rows, then assigns all.
@@ -217,7 +262,7 @@ def spherical_kmeans(
         raise ValueError(f"expected a 2-D array, got shape {x.shape}")
     check_kmeans_args(k, iterations)
     check_finite(x)
-    x_unit = unit_rows(x)
+    x_unit = normalised(x)
     index = np.arange(len(x_unit), dtype=np.int64)
     fit = sample_mask(len(x_unit), sample_fraction, seed)
     centroids = start_centroids(init, k, x.shape[1]) if init is not None else initial_centroids(x_unit[fit], k, seed)
@@ -239,4 +284,4 @@ def start_centroids(init: np.ndarray, k: int, d: int) -> np.ndarray:
     if np.shape(init) != (k, d):
         raise ValueError(f"initial centroids must have shape {(k, d)}, got {np.shape(init)}")
     check_finite(np.asarray(init), "initial centroid")
-    return unit_rows(init)
+    return normalised(init)

@@ -26,20 +26,21 @@ from ray.exceptions import (GetTimeoutError, NodeDiedError, ObjectLostError, Own
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from coincide_ray import embeddings, io
-from coincide_ray.arrays import unit_rows
 from coincide_ray.holds import hold, hold_point, release_file
 from coincide_ray.cluster.kmeans import (
     CentroidIndex,
     KMeansResult,
     PartialSums,
     Spare,
+    Sums,
+    as_tensor,
     check_kmeans_args,
     initial_draw,
     objective,
-    partial_sums,
     sample_mask,
     spare_needed,
     start_centroids,
+    unit,
     update_centroids,
 )
 
@@ -84,7 +85,7 @@ def as_completed(refs: list):
 
 def return_freed_memory() -> None:
     """Hand the C heap's free pages back to the system. Every step allocates and frees
-    chunk-sized temporaries on several threads (faiss's, torch's); glibc keeps them per
+    chunk-sized temporaries on several of torch's threads; glibc keeps them per
     thread otherwise, and a long-lived worker's resident memory creeps up step by step."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -93,11 +94,12 @@ def return_freed_memory() -> None:
 
 
 class Blocks:
-    """A shard's rows as float32 blocks (one per batch read), addressed as one array of
-    rows. A block is usually Arrow's own decoded buffer, so the rows are held once, never
-    gathered into a second array."""
+    """A shard's rows as blocks of tensors (one per batch read, in the dtype stored), on the
+    worker's device, addressed as one array of rows. On the CPU a block is Arrow's own
+    decoded buffer, so the rows are held once, never gathered into a second array; on a GPU
+    they are held there and nowhere else."""
 
-    def __init__(self, blocks: list[np.ndarray], dim: int):
+    def __init__(self, blocks: list, dim: int):
         self.blocks = blocks
         self.dim = dim
         self.starts = np.cumsum([0] + [len(b) for b in blocks])
@@ -114,29 +116,37 @@ class Blocks:
                 end = min(begin + max_rows, last)
                 local = rows[begin:end] - self.starts[block]
                 if local[-1] - local[0] + 1 == len(local):
-                    yield slice(begin, end), self.blocks[block][local[0] : local[-1] + 1]
+                    yield slice(begin, end), self.blocks[block][int(local[0]) : int(local[-1]) + 1]
                 else:
-                    yield slice(begin, end), self.blocks[block][local]
+                    yield slice(begin, end), self.blocks[block][as_tensor(local, self.blocks[block].device)]
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        """The vectors of the sorted row numbers `rows`, as one new array."""
+        """The vectors of the sorted row numbers `rows`, as one new float32 array in memory."""
         out = np.empty((len(rows), self.dim), np.float32)
         for where, vectors in self.pieces(rows, max(len(rows), 1)):
-            out[where] = vectors
+            out[where] = vectors.float().cpu().numpy()
+        return out
+
+    def unit_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The unit vectors of the sorted row numbers `rows`, normalised on the device as
+        every k-means step normalises them (the same bits), as a float32 array in memory."""
+        out = np.empty((len(rows), self.dim), np.float32)
+        for where, vectors in self.pieces(rows, max(len(rows), 1)):
+            out[where] = unit(vectors).cpu().numpy()
         return out
 
 
 @ray.remote
 class ShardWorker:
-    """Holds some embeddings files' accepted rows in memory for the whole selection."""
+    """Holds some embeddings files' accepted rows in memory for the whole selection: in GPU
+    memory when Ray gave it a GPU (and torch sees one), else in the node's memory."""
 
     def __init__(self, files: list[str], threads: int = 0):
-        if threads:  # the node's cores: Ray sets a fractional-CPU actor's OpenMP threads to 1
-            import faiss
-            import torch
+        import torch
 
-            faiss.omp_set_num_threads(threads)
+        if threads:  # the node's cores: Ray sets a fractional-CPU actor's OpenMP threads to 1
             torch.set_num_threads(threads)
+        self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.files = files
         self.pending: dict[str, tuple[embeddings.FileRows, list]] = {}
         self.x = Blocks([], 0)
@@ -156,15 +166,15 @@ class ShardWorker:
 
     def keep(self, masks: list[np.ndarray], first_index: list[int], dim: int) -> int:
         """Keep the accepted rows; `first_index` is the global index of each file's first one.
-        A batch whose vectors are all accepted keeps its decoded buffer as it is; any other
-        is copied without its rejected rows and its buffer freed."""
+        A batch whose vectors are all accepted keeps its decoded buffer as it is (or is moved
+        to the GPU); any other is copied without its rejected rows and its buffer freed."""
         blocks, index = [], []
         for path, mask, start in zip(self.files, masks, first_index):
             rows, values = self.pending.pop(path)
             kept = embeddings.accepted_rows(rows, values, mask, dim)
-            blocks += kept
+            blocks += [as_tensor(block, self.device) for block in kept]
             index.append(start + np.arange(sum(len(block) for block in kept), dtype=np.int64))
-            del rows, values
+            del rows, values, kept
             pa.default_memory_pool().release_unused()
         self.x = Blocks(blocks, dim)
         self.index = np.concatenate(index) if index else np.zeros(0, np.int64)
@@ -178,6 +188,10 @@ class ShardWorker:
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def where(self) -> tuple[str, str]:
+        """(node id, device) of this worker, for the manifest."""
+        return self.node(), self.device
+
     def add(self, first: PartialSums, second: PartialSums) -> PartialSums:
         """Two shards' partial sums added, where one of them lives: a step of the reduction
         tree that keeps the driver's traffic at one (K, D) matrix per iteration."""
@@ -185,39 +199,40 @@ class ShardWorker:
 
     def unit_rows_at(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         held = np.flatnonzero(np.isin(self.index, wanted))
-        return self.index[held], unit_rows(self.x.take(held))
+        return self.index[held], self.x.unit_rows(held)
 
     def _assign(self, centroids: np.ndarray, rows: np.ndarray,
-                sums: PartialSums | None = None) -> tuple[np.ndarray, np.ndarray]:
+                sums: Sums | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Nearest centroid of each of `rows` (sorted), chunk by chunk; their sums added to `sums`."""
-        index = CentroidIndex(centroids)
-        cluster = np.empty(len(rows), np.int64)
-        cosine = np.empty(len(rows), np.float32)
+        import torch
+
+        index = CentroidIndex(centroids, self.device)
+        cluster = torch.empty(len(rows), dtype=torch.int64, device=self.device)
+        cosine = torch.empty(len(rows), dtype=torch.float32, device=self.device)
         for chunk, vectors in self.x.pieces(rows, chunk_rows(self.x.dim)):
-            x_unit = unit_rows(vectors)
+            x_unit = unit(vectors)
             cluster[chunk], cosine[chunk] = index.assign(x_unit)
             if sums is not None:
-                partial_sums(x_unit, cluster[chunk], len(centroids), into=sums)  # exact whatever the chunks
-        return cluster, cosine
+                sums.add(x_unit, cluster[chunk])  # exact whatever the chunks
+        return cluster.cpu().numpy(), cosine.cpu().numpy()
 
     def step(self, centroids: np.ndarray, fit: tuple[int, float, int]) -> PartialSums:
         """Assign the rows the centroids are fitted on; their partial sums."""
         if self.fit_key != fit:
             total, fraction, seed = fit
             self.fit_key, self.fit_rows = fit, np.flatnonzero(sample_mask(total, fraction, seed)[self.index])
-        k = len(centroids)
-        sums = PartialSums(np.zeros((k, self.x.dim), np.int64), np.zeros(k, np.int64))
+        sums = Sums(len(centroids), self.x.dim, self.device)
         cluster, cosine = self._assign(centroids, self.fit_rows, sums)
         self.last = (self.fit_rows, cluster, cosine)
         return_freed_memory()
-        return sums
+        return sums.result()
 
     def spare(self, m: int) -> Spare:
         rows, cluster, cosine = self.last
         worst = np.lexsort((self.index[rows], cosine))[:m]
-        order = np.argsort(rows[worst])  # Blocks.take wants sorted rows; Spare.combine reorders anyway
+        order = np.argsort(rows[worst])  # Blocks wants sorted rows; Spare.combine reorders anyway
         worst = worst[order]
-        return Spare(unit_rows(self.x.take(rows[worst])), cosine[worst], cluster[worst], self.index[rows[worst]])
+        return Spare(self.x.unit_rows(rows[worst]), cosine[worst], cluster[worst], self.index[rows[worst]])
 
     def assign_all(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         cluster, cosine = self._assign(centroids, np.arange(len(self.x)))
@@ -225,9 +240,9 @@ class ShardWorker:
 
     def bucket_rows(self, assignments: np.ndarray, bucket_of_cluster: np.ndarray,
                     bucket: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """This shard's rows in one scoring bucket: (global index, cluster, raw vectors).
-        Asked for bucket by bucket while scoring runs, so that only the buckets being scored
-        have a copy in the object store. `assignments` covers every accepted row."""
+        """This shard's rows in one scoring bucket: (global index, cluster, raw float32
+        vectors). Asked for bucket by bucket while scoring runs, so that only the buckets
+        being scored have a copy in the object store. `assignments` covers every accepted row."""
         cluster = assignments[self.index]
         rows = np.flatnonzero(bucket_of_cluster[cluster] == bucket)
         return self.index[rows], cluster[rows], self.x.take(rows)
@@ -250,27 +265,45 @@ class Shard:
     masks: list[np.ndarray]
     first_index: list[int]
     node: str = ""
+    device: str = "cpu"
 
 
-def shard_nodes(workers: int = 0) -> list[tuple[str, int]]:
-    """(node id, threads) for each shard worker: one per alive node that has CPUs, using all
-    of them, or `workers` spread over those nodes round-robin, sharing each node's CPUs."""
-    nodes = sorted((node["NodeID"], int(node["Resources"].get("CPU", 0))) for node in ray.nodes()
-                   if node.get("Alive") and node["Resources"].get("CPU", 0) >= 1)
+@dataclass(frozen=True)
+class Place:
+    """Where a shard worker runs: its node, its threads, and whether it takes one of the
+    node's GPUs to hold its rows and compute there."""
+
+    node: str
+    threads: int
+    gpu: bool = False
+
+
+def shard_nodes(workers: int = 0, device: str = "auto") -> list[Place]:
+    """One place per alive node that has CPUs, using all of them, or `workers` spread over
+    those nodes round-robin, sharing each node's CPUs. With device "auto" a worker on a node
+    that has GPUs takes one of them (as many workers as the node has GPUs can)."""
+    nodes = sorted((node["NodeID"], int(node["Resources"].get("CPU", 0)), int(node["Resources"].get("GPU", 0)))
+                   for node in ray.nodes() if node.get("Alive") and node["Resources"].get("CPU", 0) >= 1)
     if not nodes:
         raise RuntimeError("no node of the Ray cluster has a CPU for a shard worker")
     count = workers or len(nodes)
     placed = [nodes[i % len(nodes)] for i in range(count)]
-    sharing = Counter(node for node, _ in placed)
-    return [(node, max(1, cpus // sharing[node])) for node, cpus in placed]
+    sharing = Counter(node for node, _, _ in placed)
+    seen: Counter = Counter()
+    places = []
+    for node, cpus, gpus in placed:
+        seen[node] += 1
+        places.append(Place(node, max(1, cpus // sharing[node]), device == "auto" and seen[node] <= gpus))
+    return places
 
 
-def start_worker(files: list[str], node: str, threads: int):
-    """A shard worker pinned to `node`: if the node is lost the worker is lost with it, and
-    ShardSet.heal starts another on a node that is alive."""
+def start_worker(files: list[str], place: Place):
+    """A shard worker pinned to its node: if the node is lost the worker is lost with it,
+    and ShardSet.heal starts another on a node that is alive."""
     return ShardWorker.options(
-        num_cpus=SHARD_CPUS, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-    ).remote(files, threads)
+        num_cpus=SHARD_CPUS, num_gpus=1 if place.gpu else 0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(place.node, soft=False),
+    ).remote(files, place.threads)
 
 
 @dataclass
@@ -283,6 +316,7 @@ class ShardSet:
     driver_bytes: list[int] = field(default_factory=list)  # received per Lloyd iteration
     replaced: list[str] = field(default_factory=list)  # what each replacement of a lost shard was for
     progress: object = None
+    device: str = "auto"  # cluster.device: "auto" lets a worker on a GPU node take a GPU
 
     @property
     def n(self) -> int:
@@ -293,16 +327,19 @@ class ShardSet:
         return self.verdict.dim
 
     @staticmethod
-    def load(source, workers: int = 0, stage: str = "select", dim: int | None = None, progress=None) -> "ShardSet":
+    def load(source, workers: int = 0, stage: str = "select", dim: int | None = None, progress=None,
+             device: str = "auto") -> "ShardSet":
         """Start workers over the embeddings files (a folder URI or a list of files), one per
         node by default, judge every row on the driver (`dim`: the dimension the embed stage
         recorded, else the majority's), and leave the accepted rows on the workers."""
         files = io.list_files(source, (".parquet",)) if isinstance(source, str) else list(source)
-        places = shard_nodes(workers)[: max(1, len(files))]
+        places = shard_nodes(workers, device)[: max(1, len(files))]
         groups = [list(g) for g in np.array_split(np.array(files, dtype=object), len(places))]
-        actors = [start_worker(group, node, threads) for group, (node, threads) in zip(groups, places)]
+        actors = [start_worker(group, place) for group, place in zip(groups, places)]
         try:
-            return ShardSet._judge_and_keep(actors, groups, stage, dim, progress)
+            shards = ShardSet._judge_and_keep(actors, groups, stage, dim, progress)
+            shards.device = device
+            return shards
         except BaseException:
             for actor in actors:  # nobody else holds them yet
                 ray.kill(actor)
@@ -324,8 +361,8 @@ class ShardSet:
                 next_index += int(shard.masks[-1].sum())
             shards.append(shard)
         ray.get([a.keep.remote(s.masks, s.first_index, verdict.dim) for a, s in zip(actors, shards)])
-        for shard, node in zip(shards, ray.get([a.node.remote() for a in actors])):
-            shard.node = node
+        for shard, (node, on) in zip(shards, ray.get([a.where.remote() for a in actors])):
+            shard.node, shard.device = node, on
         return ShardSet(actors, verdict, shards, progress=progress)
 
     def close(self) -> None:
@@ -336,6 +373,7 @@ class ShardSet:
         """Where the shards ran, for the manifest."""
         per_iteration = int(np.mean(self.driver_bytes)) if self.driver_bytes else 0
         return {"shard_workers": len(self.workers), "nodes": sorted({s.node for s in self.shards}),
+                "devices": dict(sorted(Counter(s.device for s in self.shards).items())),
                 "driver_bytes_per_iteration": per_iteration, "shards_replaced": list(self.replaced)}
 
     def heal(self, why: str) -> int:
@@ -348,15 +386,16 @@ class ShardSet:
                 ray.get(answer, timeout=60)
             except (*LOST, GetTimeoutError):
                 dead.append(i)
-        alive = shard_nodes()
+        alive = shard_nodes(device=self.device)
         for turn, i in enumerate(dead):
             ray.kill(self.workers[i])
-            node, threads = alive[turn % len(alive)]
+            place = alive[turn % len(alive)]
             shard = self.shards[i]
             began = time.perf_counter()
-            self.workers[i] = start_worker(shard.files, node, threads)
+            self.workers[i] = start_worker(shard.files, place)
             ray.get(self.workers[i].reload.remote(shard.masks, shard.first_index, self.dim))
-            shard.node = node
+            shard.node, shard.device = ray.get(self.workers[i].where.remote())
+            node = shard.node
             note = (f"shard {i} lost during {why}: reloaded {len(shard.files)} file(s) on node {node[:12]} "
                     f"in {time.perf_counter() - began:.1f}s")
             self.replaced.append(note)

@@ -5,6 +5,7 @@ the model actors only ever receive ready tensors."""
 from __future__ import annotations
 
 import io as _io
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,30 @@ def fit_context(inputs: dict[str, np.ndarray], max_tokens: int, image_token_id: 
         if isinstance(value, np.ndarray) and value.shape[:2] == shape:
             inputs[key] = value[:, :max_tokens]
     return [int(row) for row in np.flatnonzero(lengths > max_tokens)]
+
+
+def plan_batches(lengths, max_rows: int, max_tokens: int) -> list[np.ndarray]:
+    """Positions (into `lengths`) of each batch: the records sorted by token count, cut when
+    a batch would hold more than `max_rows` records or its padded size (rows x its longest)
+    would pass `max_tokens`. Neighbours in length share a batch, so a long conversation pads
+    only other long ones; a record longer than `max_tokens` is a batch of its own."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    batches, current = [], []
+    for position in np.argsort(lengths, kind="stable"):
+        if current and (len(current) == max_rows or lengths[position] * (len(current) + 1) > max_tokens):
+            batches.append(np.array(current))
+            current = []
+        current.append(position)
+    if current:
+        batches.append(np.array(current))
+    return batches
+
+
+def padding_share(lengths, batches: list[np.ndarray]) -> float:
+    """The share of the tokens the forward passes compute that are padding."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    padded = sum(int(lengths[batch].max()) * len(batch) for batch in batches if len(batch))
+    return 1.0 - int(lengths.sum()) / max(padded, 1)
 
 
 @dataclass
@@ -146,20 +171,32 @@ class Fingerprinted:
     images: dict[int, bytes | None] = field(default_factory=dict)  # position -> image bytes (None: text-only)
 
 
-def fingerprint_block(items: list[Record | Rejection], image_root: str | None, salt: str) -> Fingerprinted:
-    """Fetch every image of the block and fingerprint every record (coincide_ray.embed.reuse)."""
+FETCH_IN_FLIGHT = 16  # image requests a preparer keeps open at once (S3 answers each in tens of ms)
+
+
+def fingerprint_block(items: list[Record | Rejection], image_root: str | None, salt: str,
+                      in_flight: int = FETCH_IN_FLIGHT) -> Fingerprinted:
+    """Fetch every image of the block, `in_flight` requests at a time, and fingerprint every
+    record (coincide_ray.embed.reuse). Each fetch keeps its own retries and its own reason."""
+    def fetched(position: int) -> bytes | ValueError | None:
+        item = items[position]
+        try:
+            return fetch_image(image_root, item) if item.image is not None else None
+        except ValueError as error:
+            return error
+
+    records = [p for p, item in enumerate(items) if not isinstance(item, Rejection)]
+    with ThreadPoolExecutor(max_workers=max(1, min(in_flight, len(records)))) as pool:
+        results = dict(zip(records, pool.map(fetched, records)))
     done = Fingerprinted()
     for position, item in enumerate(items):
         if isinstance(item, Rejection):
             done.rejected[position] = item
-            continue
-        try:
-            data = fetch_image(image_root, item) if item.image is not None else None
-        except ValueError as error:
-            done.rejected[position] = Rejection(item.id, STAGE, str(error), item.position)
-            continue
-        done.fingerprints[position] = record_fingerprint(salt, item, data)
-        done.images[position] = data
+        elif isinstance(results[position], ValueError):
+            done.rejected[position] = Rejection(item.id, STAGE, str(results[position]), item.position)
+        else:
+            done.fingerprints[position] = record_fingerprint(salt, item, results[position])
+            done.images[position] = results[position]
     return done
 
 
@@ -175,15 +212,19 @@ class Preprocessor:
     """Turns the records of one block into model-ready batches (runs in CPU workers)."""
 
     def __init__(self, processor, *, image_root: str | None, batch_size: int, max_image_pixels: int,
-                 salt: str = "", previous: PreviousVectors | None = None, max_tokens: int = 0):
+                 salt: str = "", previous: PreviousVectors | None = None, max_tokens: int = 0,
+                 batch_tokens: int = 0, fetch_in_flight: int = FETCH_IN_FLIGHT):
         self.processor = processor
         self.max_tokens = max_tokens  # the model's context; longer rows are cut (0: no limit)
         self.salt = salt  # run_salt(model, layers): part of every record fingerprint
         self.previous = previous  # an earlier run's vectors, reused by fingerprint
         self.image_root = image_root
-        self.batch_size = batch_size
+        self.fetch_in_flight = fetch_in_flight
+        self.batch_size = batch_size  # records per forward pass at most
+        self.batch_tokens = batch_tokens or 2**62  # padded tokens per forward pass at most (0: no limit)
         self.max_image_pixels = max_image_pixels
         self.language_start = template_prefix_tokens(processor)
+        self.image_tokens: int | None = None  # per image, as the processor expands a small one
 
     def encode(self, prompts: list[str], images: list[Image.Image] | None) -> dict[str, np.ndarray]:
         kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "np", "padding": True}
@@ -194,7 +235,7 @@ class Preprocessor:
         return out
 
     def prepare(self, block: int, items: list[Record | Rejection]) -> PreparedBlock:
-        fetched = fingerprint_block(items, self.image_root, self.salt)
+        fetched = fingerprint_block(items, self.image_root, self.salt, self.fetch_in_flight)
         prepared = PreparedBlock(block, [item.id for item in items], rejected=fetched.rejected,
                                  fingerprints=fetched.fingerprints)
         ready: dict[bool, list[tuple[int, str, Image.Image | None]]] = {True: [], False: []}
@@ -214,9 +255,28 @@ class Preprocessor:
             ready[image is not None].append((position, prompt, image))
         # Records with and without images are batched apart: some processors cannot mix them.
         for with_image, rows in ready.items():
-            for start in range(0, len(rows), self.batch_size):
-                self._add_batch(prepared, rows[start : start + self.batch_size], with_image, items)
+            if not rows:
+                continue
+            lengths = self.token_estimate([prompt for _, prompt, _ in rows], with_image)
+            for batch in plan_batches(lengths, self.batch_size, self.batch_tokens):
+                self._add_batch(prepared, [rows[i] for i in batch], with_image, items)
         return prepared
+
+    def token_estimate(self, prompts: list[str], with_image: bool) -> np.ndarray:
+        """Tokens each prompt will take: its text tokens, plus the image's tokens as the
+        processor expands them for a small image (exact where every image gets the same
+        count, as LLaVA's; a lower bound where large images get more tiles)."""
+        text = self.processor.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        lengths = np.array([len(ids) for ids in text], dtype=np.int64)
+        if with_image:
+            if self.image_tokens is None:
+                probe = self.processor.apply_chat_template(
+                    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a"}]}], tokenize=False)
+                token = getattr(self.processor, "image_token_id", None)
+                ids = self.encode([probe], [Image.new("RGB", (32, 32))])["input_ids"][0]
+                self.image_tokens = int((ids == token).sum()) if token is not None else 0
+            lengths += self.image_tokens
+        return lengths
 
     def _add_batch(self, prepared: PreparedBlock, rows, with_image: bool, items) -> None:
         try:

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from coincide_ray import io, schema
@@ -59,16 +60,20 @@ class PreviousVectors:
     row: np.ndarray  # int32 row in that file, per key
 
     @staticmethod
-    def of_run(run: str) -> PreviousVectors:
+    def of_run(run: str, vector_dtype: str = "float32") -> PreviousVectors:
         """The vectors of a finished run's output folder (its ids, fingerprints and reasons
-        are read, not its vectors)."""
+        are read, not its vectors). Stored as float16 they are not reused into float32 output:
+        a fresh run would store more precise vectors."""
         folder = io.join(run, schema.EMBEDDINGS_DIR)
         files = io.list_files(folder, (".parquet",))
         keys, ids, file, row = [], [], [], []
         for index, path in enumerate(files):
-            names = io.parquet_schema(path).names
+            file_schema = io.parquet_schema(path)
+            names = file_schema.names
             if schema.FINGERPRINT not in names:
                 continue  # written before fingerprints existed: nothing to reuse from it
+            if vector_dtype == "float32" and file_schema.field(schema.EMBEDDING).type.value_type != pa.float32():
+                continue
             wanted = [schema.SAMPLE_ID, schema.FINGERPRINT] + ([schema.REASON] if schema.REASON in names else [])
             table = io.read_parquet(path, wanted)
             embedded = pc.is_valid(table.column(schema.FINGERPRINT))

@@ -58,6 +58,7 @@ class PrepareWorker:
         if isinstance(previous, ray.ObjectRef):
             previous = ray.get(previous)
         self.preprocessor = Preprocessor(processor, image_root=image_root, batch_size=embed.batch_size,
+                                         batch_tokens=embed.batch_tokens,
                                          max_image_pixels=embed.max_image_pixels, salt=salt, previous=previous,
                                          max_tokens=model_io.context_length(folder, embed.trust_remote_code))
 
@@ -128,33 +129,47 @@ class EmbeddedBlock:
     reused: dict[int, tuple[str, int]]  # position -> (earlier run's part file, row): filled by write_block
     truncated: list[int]  # positions cut to the model's context
 
-    def table(self) -> pa.Table:
+    def table(self, vector_dtype: str = "float32") -> pa.Table:
         """Every record of the block, in block order; rejected ones with a null embedding.
         Every record that was fingerprinted keeps its fingerprint, rejected or not: a rerun
         compares them to decide whether the block can be reused."""
         n = len(self.ids)
+        if vector_dtype == "float16":
+            self.reject_outside_float16()
         present = [p not in self.rejected and self.vectors[p] is not None for p in range(n)]
 
         def why(field: str) -> list:
             return [getattr(self.rejected[p], field) if p in self.rejected else None for p in range(n)]
 
         return pa.table({
-            schema.SAMPLE_ID: self.ids, schema.EMBEDDING: vector_column(self.vectors, present),
+            schema.SAMPLE_ID: self.ids, schema.EMBEDDING: vector_column(self.vectors, present, vector_dtype),
             schema.IMAGE_TOKENS: self.image_tokens, schema.TEXT_TOKENS: self.text_tokens,
             schema.FINGERPRINT: [self.fingerprints.get(p) for p in range(n)],
             schema.STAGE: why("stage"), schema.REASON: why("reason"), schema.DETAIL: why("detail"),
-        }, schema=schema.EMBEDDINGS)
+        }, schema=schema.embeddings_schema(vector_dtype))
+
+    def reject_outside_float16(self) -> None:
+        """A vector with a value beyond float16's range would be stored as inf: reject the
+        record with the reason (float32 storage keeps it)."""
+        for position, vector in enumerate(self.vectors):
+            if vector is not None and position not in self.rejected and np.abs(vector).max(initial=0) > FLOAT16_MAX:
+                self.rejected[position] = Rejection(self.ids[position], STAGE, "vector outside float16 range",
+                                                    f"largest value {np.abs(vector).max():.4g}; set "
+                                                    "embed.vector_dtype: float32 to keep it")
 
 
-def vector_column(vectors: list, present: list[bool]) -> pa.Array:
-    """list<float32> with a null where a record has no vector, built from one flat float32
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def vector_column(vectors: list, present: list[bool], vector_dtype: str = "float32") -> pa.Array:
+    """list<float16 or float32> with a null where a record has no vector, built from one flat
     buffer: no Python float object per value (D = 20,480 makes 1.3 million per block)."""
     rows = [np.asarray(vectors[p], np.float32) for p in range(len(present)) if present[p]]
-    flat = np.concatenate(rows) if rows else np.zeros(0, np.float32)
+    flat = (np.concatenate(rows) if rows else np.zeros(0, np.float32)).astype(vector_dtype, copy=False)
     lengths = np.array([len(vectors[p]) if present[p] else 0 for p in range(len(present))], np.int32)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     mask = pa.array([not p for p in present], pa.bool_())
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float32()), mask=mask)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, schema.VECTOR_TYPES[vector_dtype]), mask=mask)
 
 
 _COUNTERS: dict = {}
@@ -178,7 +193,8 @@ def progress_bar(done: int, total: int, width: int = 24) -> str:
     return "[" + "#" * filled + "-" * (width - filled) + f"] {done}/{total}"
 
 
-def write_block(row: dict, output: str, hold_from: int | None = None, release: str | None = None) -> dict:
+def write_block(row: dict, output: str, vector_dtype: str = "float32", hold_from: int | None = None,
+                release: str | None = None) -> dict:
     """Publish one block's file; returns the counts the driver shows and totals.
     `hold_from` (tests only, coincide_ray.holds): blocks from that number on are not
     published, ever or until the `release` file exists."""
@@ -188,7 +204,7 @@ def write_block(row: dict, output: str, hold_from: int | None = None, release: s
     for position, (vector, image, text) in fetch_vectors(result.reused).items():
         result.vectors[position] = vector
         result.image_tokens[position], result.text_tokens[position] = image, text
-    io.write_parquet(result.table(), io.join(output, schema.EMBEDDINGS_DIR, part_name(result.block)))
+    io.write_parquet(result.table(vector_dtype), io.join(output, schema.EMBEDDINGS_DIR, part_name(result.block)))
     reasons = Counter(r.reason for r in result.rejected.values())
     count("read", len(result.ids))
     count("reused", len(result.reused))
@@ -230,7 +246,7 @@ def provenance(config: JobConfig, hidden: int) -> dict:
     return {
         "model": config.model, "model_fingerprint": model_io.fingerprint(config.model),
         "layers": list(config.layers), "hidden": hidden, "dimension": 2 * len(config.layers) * hidden,
-        "dtype": "float32", "block_records": config.embed.block_records, "versions": library_versions(),
+        "dtype": config.embed.vector_dtype, "block_records": config.embed.block_records, "versions": library_versions(),
     }
 
 
@@ -241,7 +257,7 @@ def check_provenance(config: JobConfig, hidden: int, output: str) -> dict:
     path = io.join(output, schema.PROVENANCE_PATH)
     if io.exists(path) and part_files(output):  # a provenance with no block written pins nothing
         found = io.read_json(path)
-        keys = ("model_fingerprint", "layers", "dimension", "block_records")
+        keys = ("model_fingerprint", "layers", "dimension", "dtype", "block_records")
         changed = [k for k in keys if found.get(k) != wanted[k]]
         if changed:
             raise model_io.ModelError(f"{output}/embeddings was made with other {', '.join(changed)}; "
@@ -487,7 +503,7 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
     if pending:
         previous = None
         if config.previous:
-            previous = PreviousVectors.of_run(config.previous)
+            previous = PreviousVectors.of_run(config.previous, config.embed.vector_dtype)
             progress(f"embed: {len(previous)} vectors of {config.previous} can be reused by fingerprint")
             previous = ray.put(previous)  # sent once to every CPU worker
         pool = plan_pool(config.embed, len(pending))
@@ -506,8 +522,9 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
                                                       hold_point("embed-model"), release_file()),
                     compute=ray.data.ActorPoolStrategy(min_size=pool.actors[0], max_size=pool.actors[1]),
                     num_gpus=pool.gpus, num_cpus=0 if pool.gpus else 1)
-        ds = ds.map(write_block, fn_kwargs={"output": out, "hold_from": hold_point("embed-block"),
-                                            "release": release_file()}, num_cpus=0.25)
+        ds = ds.map(write_block, fn_kwargs={"output": out, "vector_dtype": config.embed.vector_dtype,
+                                            "hold_from": hold_point("embed-block"), "release": release_file()},
+                    num_cpus=0.25)
         began = time.perf_counter()
         for finished, summary in enumerate(ds.iter_rows(), start=1):
             embedded += summary["records"] - summary["rejected"] - summary["reused"]

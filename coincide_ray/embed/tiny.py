@@ -133,6 +133,61 @@ def _llava(text: dict, hidden: int, image_size: int):
     return LlavaForConditionalGeneration(config).eval(), processor
 
 
+# TinyLLaVA-2.0B's shape (the paper's reference model): a StableLM-2-1.6B-sized decoder and a
+# SigLIP-so400m tower without its last layer, 729 patch tokens per 384 x 384 image. The
+# decoder is built as Llama (the same matrix shapes and FLOPs; StableLM's partial rotary and
+# layer norms do not change the cost). QUICK is the same layout at toy size.
+TINYLLAVA_2B = dict(hidden=2048, layers=24, heads=32, intermediate=5632, vocab=100352, vision_hidden=1152,
+                    vision_layers=26, vision_heads=16, vision_intermediate=4304, image_size=384, patch=14)
+TINYLLAVA_QUICK = dict(hidden=64, layers=4, heads=2, intermediate=128, vocab=600, vision_hidden=32,
+                       vision_layers=2, vision_heads=2, vision_intermediate=64, image_size=56, patch=14)
+
+
+def build_tinyllava_shaped(folder: str | Path, shape: dict, seed: int = 0, dtype: str = "bfloat16") -> Path:
+    """A random-weight LlavaForConditionalGeneration of `shape` (TINYLLAVA_2B or
+    TINYLLAVA_QUICK): SigLIP tower, all its patch features (no CLS), the second-to-last
+    layer's, a two-layer GELU projector; saved with safetensors in `dtype`."""
+    import torch
+    from transformers import (
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        SiglipVisionConfig,
+    )
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer(["<pad>", "<s>", "</s>", "<image>"], "<image>")
+    size = shape["image_size"]
+    processor = LlavaProcessor(
+        image_processor=SiglipImageProcessorPil(size={"height": size, "width": size}),
+        tokenizer=tokenizer, patch_size=shape["patch"], vision_feature_select_strategy="full",
+        num_additional_image_tokens=0, chat_template=LLAVA_TEMPLATE, image_token="<image>",
+    )
+    config = LlavaConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=shape["vision_hidden"], intermediate_size=shape["vision_intermediate"],
+            num_hidden_layers=shape["vision_layers"], num_attention_heads=shape["vision_heads"],
+            image_size=size, patch_size=shape["patch"],
+        ),
+        text_config=LlamaConfig(
+            vocab_size=max(shape["vocab"], len(tokenizer)), pad_token_id=tokenizer.pad_token_id,
+            hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+            num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+            num_key_value_heads=shape["heads"], max_position_embeddings=4096,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2, vision_feature_select_strategy="full", projector_hidden_act="gelu",
+    )
+    model = LlavaForConditionalGeneration(config).eval().to(getattr(torch, dtype))
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    return folder
+
+
 def _idefics3(text: dict, hidden: int, image_size: int):
     from transformers import (
         Idefics3Config,

@@ -4,12 +4,15 @@ Every S3 call of the integration tests (driver and Ray workers alike) goes throu
 `fault_every` = n, every n-th request is answered 503 SlowDown or 500 InternalError, or
 (GETs) gets its response cut mid-body, the kinds taken in turn; requests whose path contains
 `always_fail` are always answered 503. It forwards everything else unchanged (moto does not check signatures).
+With `delay_s` every request waits that long first: an object store's latency (S3 answers a
+GET in tens of milliseconds), on loopback.
 """
 
 from __future__ import annotations
 
 import http.client
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ERRORS = {
@@ -22,6 +25,7 @@ class FaultyProxy:
     def __init__(self, upstream_host: str, upstream_port: int):
         self.upstream = (upstream_host, upstream_port)
         self.fault_every = 0  # 0: no faults
+        self.delay_s = 0.0  # added to every request
         self.always_fail: str | None = None
         self.injected = {"503": 0, "500": 0, "cut": 0}
         self.requests = 0
@@ -38,6 +42,8 @@ class FaultyProxy:
             def _relay(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                if proxy.delay_s:
+                    time.sleep(proxy.delay_s)
                 fault = proxy._choose(self.command, self.path)
                 if fault in (503, 500):
                     headers = {"Content-Type": "application/xml", "Content-Length": str(len(ERRORS[fault]))}

@@ -16,7 +16,7 @@ def test_dry_run_plans_and_writes_nothing(tmp_path, tiny_model, capsys):
                  "--dry-run", "--calibrate", "6"]) == 0
     text = capsys.readouterr().out
     assert not os.path.exists(out)
-    for expected in ("records: 40;", "embed: 1 blocks of 64; 0 already written, 1 to do", "embed work:",
+    for expected in ("records: 40;", "embed: 1 blocks of 256; 0 already written, 1 to do", "embed work:",
                      "H100-hours", "k-means memory:", "largest cluster", "select: budget", "calibration:"):
         assert expected in text, expected
     # 30 good records and 10 broken ones: the sample check parses every record and looks for its

@@ -16,9 +16,11 @@ LAYERS = "1,3,4"
 
 
 def job_yaml(tmp_path, name, block_records, batch_size):
+    """float32 storage: the vectors are checked against the recipe at float32 precision
+    (test_float16_vectors shows float16 storage is these vectors rounded once)."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(f"embed:\n  block_records: {block_records}\n  batch_size: {batch_size}\n"
-                    f"  model_cache: {tmp_path / 'cache'}\n")
+                    f"  model_cache: {tmp_path / 'cache'}\n  vector_dtype: float32\n")
     return str(path)
 
 

@@ -123,11 +123,12 @@ def test_a_row_the_model_fails_on_is_rejected_and_its_batch_kept(tmp_path, tiny_
     good = {k: v.copy() for k, v in batch.inputs.items()}
     batch.inputs["input_ids"][2, -1] = 10**6  # a token id past the vocabulary: the model fails on row 2
     result = worker({"prepared": prepared})["result"]
-    assert result.rejected[2].reason == "model failed" and "IndexError" in result.rejected[2].detail
+    victim = batch.positions[2]  # the batch is in length order: its row 2 is this record
+    assert result.rejected[victim].reason == "model failed" and "IndexError" in result.rejected[victim].detail
     direct = extract_msa_embeddings(worker.loaded.model, good, [0, 1])
     for row in (0, 1, 3):  # the other rows were embedded one by one: the same vectors
-        assert np.allclose(result.vectors[row], direct[row], atol=1e-5)
-    assert result.vectors[2] is None
+        assert np.allclose(result.vectors[batch.positions[row]], direct[row], atol=1e-5)
+    assert result.vectors[victim] is None
 
 
 def test_a_block_with_a_model_failure_is_redone_on_the_next_run(tmp_path):
@@ -195,19 +196,24 @@ def test_a_file_read_in_batches_keeps_its_rows_in_order(tmp_path, monkeypatch):
     assert np.array_equal(np.concatenate(blocks), np.delete(x, 4, axis=0))
 
 
-def test_shard_blocks_address_rows_across_files_and_view_consecutive_runs():
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_shard_blocks_address_rows_across_files_and_view_consecutive_runs(dtype):
+    from coincide_ray.cluster.kmeans import as_tensor, normalised
     from coincide_ray.cluster.stage import Blocks
 
     rng = np.random.default_rng(0)
-    parts = [rng.standard_normal((n, 3)).astype(np.float32) for n in (4, 0, 5, 3)]
+    parts = [rng.standard_normal((n, 3)).astype(dtype) for n in (4, 0, 5, 3)]
     whole = np.concatenate(parts)
-    blocks = Blocks(parts, 3)
+    blocks = Blocks([as_tensor(part) for part in parts], 3)  # as a CPU worker keeps them: Arrow's buffers, shared
     assert len(blocks) == 12
     for rows in (np.arange(12), np.array([0, 2, 3, 4, 8, 9, 11]), np.array([5]), np.zeros(0, np.int64)):
-        assert np.array_equal(blocks.take(rows), whole[rows])
+        taken = blocks.take(rows)
+        assert taken.dtype == np.float32 and np.array_equal(taken, whole[rows].astype(np.float32))
+        assert np.array_equal(blocks.unit_rows(rows), normalised(whole[rows]))
         seen = np.zeros(len(rows), bool)
         for where, vectors in blocks.pieces(rows, max_rows=2):
-            assert len(vectors) <= 2 and np.array_equal(vectors, whole[rows[where]])
+            vectors = vectors.numpy()
+            assert len(vectors) <= 2 and vectors.dtype == dtype and np.array_equal(vectors, whole[rows[where]])
             seen[where] = True
             if rows[where][-1] - rows[where][0] + 1 == len(vectors):
                 assert any(np.shares_memory(vectors, part) for part in parts)  # a run is a view, not a copy

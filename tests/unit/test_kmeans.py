@@ -10,23 +10,23 @@ from coincide_ray.cluster.kmeans import (
     assign,
     initial_centroids,
     partial_sums,
-    unit_rows,
+    normalised,
 )
 from coincide_ray.synthetic import planted_embeddings
 
 
 def faiss_objective(x, k, iterations, seed, init=None):
-    xu = unit_rows(x)
+    xu = normalised(x)
     km = faiss.Kmeans(x.shape[1], k, niter=iterations, seed=seed, spherical=True, max_points_per_centroid=10**9)
     km.train(xu, init_centroids=init)
-    _, cosine = assign(xu, unit_rows(km.centroids))
+    _, cosine = assign(xu, normalised(km.centroids))
     return float(cosine.astype(np.float64).sum())
 
 
 @pytest.mark.parametrize("k", [8, 40])
 def test_same_start_same_objective_as_faiss(k):
     x, _ = planted_embeddings(4000, num_layers=2, hidden=16, groups=12, noise=0.8, seed=k)
-    start = initial_centroids(unit_rows(x), k, seed=5)
+    start = initial_centroids(normalised(x), k, seed=5)
     ours = spherical_kmeans(x, k, iterations=25, init=start)
     reference = faiss_objective(x, k, 25, 0, init=start)
     assert ours.objective == pytest.approx(reference, rel=0.01)
@@ -54,7 +54,7 @@ def test_deterministic_and_seeded():
 def test_objective_is_sum_of_cosines():
     x, _ = planted_embeddings(500, seed=2)
     r = spherical_kmeans(x, 6, iterations=5)
-    cos = (unit_rows(x) * r.centroids[r.assignments]).sum(1)
+    cos = (normalised(x) * r.centroids[r.assignments]).sum(1)
     assert r.objective == pytest.approx(cos.sum(), rel=1e-5)
     assert np.allclose(r.cosine, cos, atol=1e-5)
 
@@ -71,7 +71,7 @@ def test_more_clusters_than_rows_and_duplicates_do_not_crash():
 def test_empty_cluster_reseeded_from_worst_row():
     x, _ = planted_embeddings(600, groups=3, seed=3)
     x = np.abs(x)  # every row in the positive orthant: a centroid pointing away is nearest to none
-    xu = unit_rows(x)
+    xu = normalised(x)
     start = initial_centroids(xu, 5, seed=0)
     start[4] = -start[0]
     assert 4 not in assign(xu, start)[0]  # it is: the test exercises reseeding
@@ -81,7 +81,7 @@ def test_empty_cluster_reseeded_from_worst_row():
 
 def test_partial_sums_are_the_rounded_fixed_point_sums():
     x, _ = planted_embeddings(5000, seed=5)  # more rows than one summation chunk
-    xu = unit_rows(x)
+    xu = normalised(x)
     cluster = np.random.default_rng(5).integers(0, 11, len(xu))
     cluster[cluster == 3] = 4  # an empty cluster
     got = partial_sums(xu, cluster, 11)
@@ -97,7 +97,7 @@ def test_partial_sums_are_the_rounded_fixed_point_sums():
 
 def test_shard_statistics_combine_to_the_whole():
     x, _ = planted_embeddings(900, seed=4)
-    xu = unit_rows(x)
+    xu = normalised(x)
     cluster, cosine = assign(xu, initial_centroids(xu, 7, seed=0))
     index = np.arange(900)
     whole = partial_sums(xu, cluster, 7)
@@ -124,7 +124,7 @@ def test_fit_on_a_sample_then_assign_all():
 
 def test_assignment_does_not_depend_on_the_batch_a_row_is_in():
     x, _ = planted_embeddings(5000, hidden=64, seed=6)
-    xu = unit_rows(x)
+    xu = normalised(x)
     centroids = initial_centroids(xu, 50, seed=0)
     labels, cosine = assign(xu, centroids)
     pieces = np.split(np.arange(5000), [1, 333, 4097])

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from coincide_ray.cluster import spherical_kmeans
-from coincide_ray.cluster.kmeans import initial_centroids, unit_rows
+from coincide_ray.arrays import unit_rows
+from coincide_ray.cluster.kmeans import initial_centroids
 from coincide_ray.synthetic import planted_embeddings
 
 

@@ -102,3 +102,25 @@ def test_rows_longer_than_the_context_are_cut_and_counted(processor, tmp_path):
     tiny = Preprocessor(processor, image_root=str(tmp_path), batch_size=4, max_image_pixels=10**6, max_tokens=8)
     block = tiny.prepare(0, items[:1])  # not even the image fits
     assert block.rejected[0].reason == "longer than the model's context" and not block.batches
+
+
+def test_batches_are_cut_by_a_token_budget_over_sorted_lengths():
+    from coincide_ray.embed.preprocess import padding_share, plan_batches
+
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(1, 400, 97)
+    lengths[10] = 5000  # longer than the budget: a batch of its own
+    batches = plan_batches(lengths, max_rows=16, max_tokens=1024)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(97))  # every record once
+    flat = np.concatenate(batches)
+    assert np.all(np.diff(lengths[flat]) >= 0)  # in length order
+    for batch in batches:
+        assert len(batch) <= 16
+        assert len(batch) == 1 or lengths[batch].max() * len(batch) <= 1024
+    assert [10] in [b.tolist() for b in batches]
+    # the greedy cut: a batch ends only when the next record would break a limit
+    for batch, after in zip(batches, batches[1:]):
+        assert len(batch) == 16 or lengths[after[0]] * (len(batch) + 1) > 1024
+    # padding: the share of computed tokens that are padding
+    assert padding_share([2, 4], [np.array([0, 1])]) == 1 - 6 / 8
+    assert padding_share(lengths, batches) < padding_share(lengths, np.array_split(np.arange(97), 13))
