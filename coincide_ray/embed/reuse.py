@@ -72,7 +72,8 @@ class PreviousVectors:
             names = file_schema.names
             if schema.FINGERPRINT not in names:
                 continue  # written before fingerprints existed: nothing to reuse from it
-            if vector_dtype == "float32" and file_schema.field(schema.EMBEDDING).type.value_type != pa.float32():
+            if vector_dtype == "float32" and (schema.EMBEDDING not in names or
+                                              file_schema.field(schema.EMBEDDING).type.value_type != pa.float32()):
                 continue
             wanted = [schema.SAMPLE_ID, schema.FINGERPRINT] + ([schema.REASON] if schema.REASON in names else [])
             table = io.read_parquet(path, wanted)

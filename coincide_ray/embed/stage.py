@@ -134,8 +134,6 @@ class EmbeddedBlock:
         Every record that was fingerprinted keeps its fingerprint, rejected or not: a rerun
         compares them to decide whether the block can be reused."""
         n = len(self.ids)
-        if vector_dtype == "float16":
-            self.reject_outside_float16()
         present = [p not in self.rejected and self.vectors[p] is not None for p in range(n)]
 
         def why(field: str) -> list:
@@ -204,6 +202,8 @@ def write_block(row: dict, output: str, vector_dtype: str = "float32", hold_from
     for position, (vector, image, text) in fetch_vectors(result.reused).items():
         result.vectors[position] = vector
         result.image_tokens[position], result.text_tokens[position] = image, text
+    if vector_dtype == "float16":
+        result.reject_outside_float16()
     io.write_parquet(result.table(vector_dtype), io.join(output, schema.EMBEDDINGS_DIR, part_name(result.block)))
     reasons = Counter(r.reason for r in result.rejected.values())
     count("read", len(result.ids))

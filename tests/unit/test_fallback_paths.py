@@ -218,3 +218,20 @@ def test_shard_blocks_address_rows_across_files_and_view_consecutive_runs(dtype)
             if rows[where][-1] - rows[where][0] + 1 == len(vectors):
                 assert any(np.shares_memory(vectors, part) for part in parts)  # a run is a view, not a copy
         assert seen.all()
+
+
+def test_a_vector_beyond_float16_is_rejected_not_stored_as_inf():
+    from coincide_ray.embed.stage import EmbeddedBlock
+    from coincide_ray.records import Rejection
+
+    vectors = [np.array([0.5, -2.0], np.float32), np.array([1e6, 0.0], np.float32), None]
+    block = EmbeddedBlock(0, ["a", "b", "c"], vectors, np.zeros(3, np.int32), np.zeros(3, np.int32),
+                          {2: Rejection("c", "embed", "missing image file", "x")}, {}, {}, [])
+    block.reject_outside_float16()
+    assert block.rejected[1].reason == "vector outside float16 range" and "float32" in block.rejected[1].detail
+    assert block.rejected[2].reason == "missing image file" and 0 not in block.rejected
+    table = block.table("float16")
+    assert str(table.schema.field("embedding").type.value_type) == "halffloat"
+    stored = table.column("embedding").to_pylist()
+    assert stored[0] == [0.5, -2.0] and stored[1] is None and stored[2] is None
+    assert table.column("reason").to_pylist() == [None, "vector outside float16 range", "missing image file"]
