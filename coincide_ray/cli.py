@@ -23,6 +23,11 @@ RUN_EXAMPLES = """examples:
   coincide-ray run --config job.yaml --output s3://bucket/runs/2026-11-23
 """
 
+CONVERT_EXAMPLES = """examples:
+  coincide-ray convert tinyllava --source checkpoints/TinyLLaVA-2.0B --output models/tinyllava-2.0b-hf
+  coincide-ray convert tinyllava --source s3://bucket/TinyLLaVA-2.0B --output s3://bucket/models/tinyllava-2.0b-hf
+"""
+
 SELECT_EXAMPLES = """examples:
   coincide-ray select --embeddings out/embeddings --output out --fraction 0.2 --clusters 2500 --layers 3,7,11,15,19
   coincide-ray select --embeddings s3://bucket/run/embeddings --output s3://bucket/run --config job.yaml
@@ -31,16 +36,18 @@ SELECT_EXAMPLES = """examples:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the user must fix something: reported as one line, exit 2."""
+    from coincide_ray.embed.convert import ConvertError
     from coincide_ray.embed.model import ModelError
     from coincide_ray.embed.stage import ResourcesUnavailable
     from coincide_ray.embeddings import MixedDimensionsError
     from coincide_ray.io import InputFormatError, StorageError
     from coincide_ray.pipeline import InputError
     from coincide_ray.schema import SchemaError
+    from coincide_ray.select.strategies import RankingTooShort
 
-    errors: list[type[BaseException]] = [ConfigError, InputError, InputFormatError, ModelError, SchemaError,
-                                         StorageError, MixedDimensionsError, ResourcesUnavailable, FileNotFoundError,
-                                         PermissionError]
+    errors: list[type[BaseException]] = [ConfigError, ConvertError, InputError, InputFormatError, ModelError,
+                                         SchemaError, StorageError, MixedDimensionsError, ResourcesUnavailable,
+                                         RankingTooShort, FileNotFoundError, PermissionError]
     try:
         from botocore.exceptions import EndpointConnectionError, NoCredentialsError
 
@@ -84,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--kmeans-sample", type=float, metavar="F",
                         help="fit the centroids on this share of the rows, then assign all (default 1: all rows)")
     budget.add_argument("--temperature", type=float, metavar="TAU", help="softmax temperature of the budget (default 0.1)")
+    budget.add_argument("--compare-with", metavar="URI",
+                        help="a finished run whose purity, collapsed pairs and label coverage the report shows "
+                             "beside this run's")
+    budget.add_argument("--strategy", metavar="NAME[,NAME...]",
+                        help="also write these subsets under selection/<name>/: coincide, random, no-transfer, "
+                             "no-density, uniform, coincide-random-within (the paper's ablations)")
     budget.add_argument("--warm-start", action="store_true", default=None,
                         help="start k-means from --previous's centroids (steadier, but history-dependent)")
 
@@ -110,7 +123,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Parquet file or folder with sample_id, embedding (default: <output>/embeddings)")
     select.add_argument("--previous", metavar="URI",
                         help="a finished earlier run: the selection is diffed against it (and --warm-start)")
+    convert = commands.add_parser(
+        "convert", help="turn the paper's TinyLLaVA-2.0B folder into a transformers-native checkpoint",
+        description="Rewrite a checkpoint in the original TinyLLaVA-2.0B layout (local or s3://) as a "
+        "LlavaForConditionalGeneration folder that --model accepts. Tensors are carried over bit for bit.",
+        epilog=CONVERT_EXAMPLES, formatter_class=formatter,
+    )
+    convert.add_argument("family", choices=["tinyllava"], help="the source format")
+    convert.add_argument("--source", required=True, metavar="URI", help="the TinyLLaVA-2.0B folder")
+    convert.add_argument("--output", required=True, metavar="DIR", help="a new folder or s3:// prefix")
+    convert.add_argument("--vision-config", metavar="URI",
+                         help="the tower's config.json or its folder (default: SigLIP-so400m at 384 px)")
     return parser
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    from coincide_ray.embed.convert import convert_tinyllava
+
+    done = convert_tinyllava(args.source, args.output, args.vision_config, progress=stderr_progress)
+    print(f"{done.output}: {done.tensors} tensors ({done.bytes / 2**30:.2f} GiB) carried over bit for bit; "
+          f"{done.image_tokens} image tokens per image")
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
@@ -123,11 +155,13 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         "model": given.get("model"),
         "embeddings": given.get("embeddings"),
         "previous": given.get("previous"),
+        "compare_with": given.get("compare_with"),
         "label_fields": given.get("label_field"),
         "layers": args.layers,
         "cluster": {"clusters": given.get("clusters"), "iterations": given.get("iterations"), "seed": given.get("seed"),
                     "sample_fraction": given.get("kmeans_sample"), "warm_start": given.get("warm_start")},
-        "select": {"fraction": given.get("fraction"), "temperature": given.get("temperature")},
+        "select": {"fraction": given.get("fraction"), "temperature": given.get("temperature"),
+                   "strategies": given.get("strategy")},
         "embed": {"device": given.get("device")},
     }
     values = merge(base, flags)
@@ -159,6 +193,9 @@ def start_ray(address: str | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "convert":
+            run_convert(args)
+            return 0
         config = config_from_args(args)
         if args.dry_run:
             from coincide_ray.plan import plan

@@ -101,12 +101,22 @@ class SelectConfig:
     sigma: float = 1.0  # Gaussian kernel width for density and MMD
     similarity_mask: float = 0.9  # centroid pairs above this cosine are ignored in transferability
     kernel_memory_mb: int = 512  # clusters whose kernel is larger are processed blockwise
+    # Alternative subsets from the same clusters and rankings, each under selection/<name>/:
+    # coincide, random, no-transfer, no-density, uniform, coincide-random-within (the paper's
+    # ablations; coincide_ray/select/strategies.py). selection/selection.parquet is always COINCIDE's.
+    strategies: tuple[str, ...] = ()
 
     def validate(self) -> None:
         _fail_unless(0.0 <= self.fraction <= 1.0, f"select.fraction must lie in [0, 1], got {self.fraction}")
         _fail_unless(self.temperature > 0, f"select.temperature must be positive, got {self.temperature}")
         _fail_unless(self.sigma > 0, f"select.sigma must be positive, got {self.sigma}")
         _fail_unless(self.kernel_memory_mb >= 1, f"select.kernel_memory_mb must be at least 1, got {self.kernel_memory_mb}")
+        from coincide_ray.select.strategies import STRATEGIES
+
+        unknown = [name for name in self.strategies if name not in STRATEGIES]
+        _fail_unless(not unknown, f"select.strategies: unknown strategy {', '.join(map(repr, unknown))}; "
+                                  f"choose from {', '.join(STRATEGIES)}")
+        _fail_unless(len(set(self.strategies)) == len(self.strategies), "select.strategies names a strategy twice")
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,10 @@ class JobConfig:
     # Record fields holding known labels (e.g. the demo's concept, skill): the report then
     # shows cluster purity and how the selection covers the label groups.
     label_fields: tuple[str, ...] = ()
+    # A finished run (its output folder) whose figures the report shows beside this run's:
+    # cluster purity, collapsed centroid pairs and label coverage (the demo compares a trained
+    # reference model with a random-weight one this way).
+    compare_with: str | None = None
     # Decoder layers whose o_proj outputs are pooled. None: the paper's choice (3, 7, 11, 15, 19
     # of 24 layers) at the same relative depths of the checkpoint's decoder; `select` then
     # takes the layers recorded with the embeddings.
@@ -160,16 +174,22 @@ class JobConfig:
         for name, part in parts.items():
             section = values.pop(name, None) or {}
             _fail_unless(isinstance(section, dict), f"{name} must be a mapping of keys")
+            if name == "select" and "strategies" in section:
+                section = dict(section, strategies=_names(section["strategies"], "select.strategies"))
             values[name] = _build(part, section, prefix=f"{name}.")
         if "layers" in values:
             values["layers"] = parse_layers(values["layers"])
         if "label_fields" in values:
-            fields = values["label_fields"]
-            fields = fields.split(",") if isinstance(fields, str) else fields
-            _fail_unless(isinstance(fields, (list, tuple)) and all(isinstance(f, str) and f for f in fields),
-                         f"label_fields must be field names, got {values['label_fields']!r}")
-            values["label_fields"] = tuple(fields)
+            values["label_fields"] = _names(values["label_fields"], "label_fields")
         return _build(cls, values, prefix="").validate()
+
+
+def _names(value: Any, key: str) -> tuple[str, ...]:
+    """'a,b' or [a, b] -> ('a', 'b')."""
+    names = value.split(",") if isinstance(value, str) else value
+    _fail_unless(isinstance(names, (list, tuple)) and all(isinstance(n, str) and n for n in names),
+                 f"{key} must be names, got {value!r}")
+    return tuple(names)
 
 
 def parse_layers(value: Any) -> tuple[int, ...]:

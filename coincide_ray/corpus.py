@@ -54,13 +54,13 @@ def _picture(rng: np.random.Generator, size: int) -> tuple[Image.Image, dict]:
     return image, {"colour": colour, "shape": shape, "count": count}
 
 
-def _conversation(facts: dict, rng: np.random.Generator) -> tuple[str, str, list[dict]]:
+def _conversation(facts: dict, rng: np.random.Generator, skill: str | None = None) -> tuple[str, str, list[dict]]:
     if "word" in facts:
         skill = "read"
         q, a = "What does the sign say?", f"It says {facts['word']}."
         concept = "text"
     else:
-        skill = str(rng.choice(["colour", "shape", "count", "describe"]))
+        skill = skill or str(rng.choice(["colour", "shape", "count", "describe"]))
         concept = f"{facts['colour']} {facts['shape']}"
         q, a = {
             "colour": ("What colour are the shapes?", f"They are {facts['colour']}."),
@@ -117,6 +117,72 @@ def write_corpus(records_uri: str, image_root: str, n: int, *, seed: int = 0, im
     return records
 
 
+# Concept-skill groups of the long-tailed corpus: every colour-shape concept with every
+# visual skill, signs to read, and text-only arithmetic.
+GROUPS = tuple(f"{c} {s}/{k}" for c in COLOURS for s in SHAPES for k in ("colour", "shape", "count", "describe")) \
+    + ("text/read", "arithmetic/text")
+
+
+def long_tail_counts(n: int, *, exponent: float = 1.1, seed: int = 0) -> dict[str, int]:
+    """Records per group for `n` records: Zipf-like sizes (the k-th largest group ~ 1/k^exponent)
+    over the groups in a seeded order, every group given at least one record, so a few groups
+    are large and many are rare."""
+    order = np.random.default_rng(seed).permutation(len(GROUPS))
+    weights = 1.0 / np.arange(1, len(GROUPS) + 1) ** exponent
+    counts = 1 + np.floor(weights / weights.sum() * (n - len(GROUPS))).astype(int)
+    counts[0] += n - counts.sum()  # the rounding remainder goes to the largest group
+    return {GROUPS[g]: int(c) for g, c in zip(order, counts)}
+
+
+def _group_record(group: str, rng: np.random.Generator, size: int) -> tuple[Image.Image | None, list[dict]]:
+    """A picture (None for text-only) and a conversation of `group`."""
+    concept, skill = group.split("/")
+    if skill == "text":
+        return None, _text_only(rng)[2]
+    image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(200, 256, size=3)))
+    draw = ImageDraw.Draw(image)
+    if skill == "read":
+        word = str(rng.choice(WORDS))
+        draw.text((size // 6, size // 3), word, fill=(0, 0, 0))
+        return image, [{"from": "human", "value": "<image>\nWhat does the sign say?"},
+                       {"from": "gpt", "value": f"It says {word}."}]
+    colour, shape = concept.split()
+    count = int(rng.integers(1, 5))
+    cell = size // 2
+    for k in range(count):
+        x, y = (k % 2) * cell, (k // 2) * cell
+        _draw_shape(draw, shape, (x + 4, y + 4, x + cell - 4, y + cell - 4), COLOURS[colour])
+    return image, _conversation({"colour": colour, "shape": shape, "count": count}, rng, skill)[2]
+
+
+def write_grouped_corpus(records_uri: str, image_root: str, counts: dict[str, int], *, seed: int = 0,
+                         image_size: int = 64, prefix: str = "rec", broken: bool = False) -> list[dict]:
+    """Write `counts[group]` records of each concept-skill group (GROUPS) as a JSON list and
+    their images, in a seeded shuffled order; each record carries `concept`, `skill` and
+    `group`. With long_tail_counts this is the long-tailed corpus of the demo and of
+    jobs/reproduce.py; with equal counts, a balanced test set. `broken` adds the records that
+    must be rejected (see write_corpus)."""
+    rng = np.random.default_rng(seed)
+    groups = [g for g, c in counts.items() for _ in range(c)]
+    records = []
+    for i, position in enumerate(rng.permutation(len(groups))):
+        group = groups[position]
+        sample_id = f"{prefix}-{i:06d}"
+        image, turns = _group_record(group, rng, image_size)
+        concept, skill = group.split("/")
+        record = {"id": sample_id, "conversations": turns, "concept": concept, "skill": skill, "group": group}
+        if image is not None:
+            record["image"] = f"images/{sample_id}.png"
+            buffer = _io.BytesIO()
+            image.save(buffer, format="PNG")
+            io.write_bytes(io.join(image_root, record["image"]), buffer.getvalue())
+        records.append(record)
+    if broken:
+        records += _broken_records(image_root, image_size, duplicate=records[0]["id"])
+    io.write_bytes(records_uri, json.dumps(records).encode())
+    return records
+
+
 BROKEN_REASONS = {
     "bad-corrupt": "not an image",
     "bad-truncated": "truncated or corrupt image",
@@ -131,7 +197,7 @@ BROKEN_REASONS = {
 }
 
 
-def _broken_records(image_root: str, image_size: int) -> list[dict]:
+def _broken_records(image_root: str, image_size: int, duplicate: str = "demo-000000") -> list[dict]:
     turns = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "Something."}]
     noise = np.random.default_rng(0).integers(0, 255, (image_size, image_size, 3), dtype=np.uint8)
     good = _io.BytesIO()  # noise does not compress: half the file is half the pixel data
@@ -152,7 +218,7 @@ def _broken_records(image_root: str, image_size: int) -> list[dict]:
     records = [{"id": k, "image": v, "conversations": turns, "concept": "broken", "skill": "broken"}
                for k, v in image_for.items()]
     records.append({"id": "bad-noconv", "conversations": [], "concept": "broken", "skill": "broken"})
-    records.append({"id": "demo-000000", "conversations": turns[:1] + [{"from": "gpt", "value": "again"}],
+    records.append({"id": duplicate, "conversations": turns[:1] + [{"from": "gpt", "value": "again"}],
                     "concept": "broken", "skill": "broken"})
     return records
 

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -175,20 +176,38 @@ def write_bytes(uri: str, data: bytes) -> None:
     """
     fs, path = resolve(uri)
     if isinstance(fs, LocalFileSystem):
-        folder = os.path.dirname(path) or "."
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        try:
+        def fill(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+
+        _replace_locally(path, fill)
     else:
         retried(uri, "writing", lambda: fs.pipe_file(path, data))
+
+
+def _replace_locally(path: str, fill: Callable[[str], None]) -> None:
+    """`fill` writes a temporary file beside `path`, which then takes its place in one rename."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        fill(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def publish_file(local_path: str, uri: str) -> None:
+    """Copy a finished local file to `uri` so that no partial file is ever visible there
+    (locally: a temporary name, then a rename; object stores: an upload that appears whole)."""
+    fs, path = resolve(uri)
+    if isinstance(fs, LocalFileSystem):
+        _replace_locally(path, lambda tmp: shutil.copyfile(local_path, tmp))
+    else:
+        retried(uri, "writing", lambda: fs.put_file(local_path, path))
 
 
 def remove(uri: str) -> None:

@@ -95,7 +95,8 @@ class StageKeys:
                             init_fingerprint)
         rank = stage_key("rank", cluster, s.sigma)
         transfer = stage_key("transfer", cluster, config.layers, s.similarity_mask)
-        select = stage_key("select", rank, transfer, s.fraction, s.temperature, config.input, input_fingerprint)
+        select = stage_key("select", rank, transfer, s.fraction, s.temperature, config.input, input_fingerprint,
+                           *([s.strategies, c.seed] if s.strategies else []))
         return StageKeys(cluster, rank, transfer, select)
 
 
@@ -261,7 +262,43 @@ def selection_outputs(config: JobConfig, keys: StageKeys, clusters: Clusters, sh
         outputs[schema.SELECTED_RECORDS_PATH], written = selected_records_json(
             config.input, {ids[i] for i in selection.selected})
         progress(f"writing {written} selected records to {io.join(config.output, schema.SELECTED_RECORDS_PATH)}")
+    outputs.update(strategy_outputs(config, clusters, selection, progress))
     return outputs
+
+
+def strategy_outputs(config: JobConfig, clusters: Clusters, selection, progress: Progress) -> dict[str, bytes]:
+    """selection/<strategy>/ for each of select.strategies, from COINCIDE's clusters, scores
+    and rankings: seconds, however large the run."""
+    from coincide_ray.select.strategies import choose
+
+    outputs = {}
+    ids, table = clusters.ids, selection.clusters
+    for strategy in config.select.strategies:
+        chosen = choose(strategy, rank=selection.rank, assignments=clusters.assignments,
+                        transfer=table.transferability, density=table.density, fraction=config.select.fraction,
+                        temperature=config.select.temperature, seed=config.cluster.seed)
+        selected = np.zeros(len(ids), dtype=bool)
+        selected[chosen.selected] = True
+        selection_path, records_path = schema.strategy_paths(strategy)
+        outputs[selection_path] = io.parquet_bytes(pa.table(
+            {schema.SAMPLE_ID: ids, schema.CLUSTER: clusters.assignments, schema.SELECTED: selected},
+            schema=schema.STRATEGY_SELECTION))
+        if config.input:
+            outputs[records_path], _ = selected_records_json(config.input, {ids[i] for i in chosen.selected})
+        progress(f"strategy {strategy}: selected {len(chosen.selected)} of {len(ids)}, "
+                 f"from {int((np.bincount(clusters.assignments[chosen.selected]) > 0).sum())} clusters")
+    return outputs
+
+
+def remove_stale_strategies(out: str, published: dict) -> None:
+    """Strategy folders an earlier run wrote that this one did not ask for: removed, so that
+    selection/ holds only what this run's manifest names."""
+    from coincide_ray.select.strategies import STRATEGIES
+
+    for strategy in STRATEGIES:
+        for path in schema.strategy_paths(strategy):
+            if path not in published and io.exists(io.join(out, path)):
+                io.remove(io.join(out, path))
 
 
 def selected_ids(selection: pa.Table) -> list[str]:
@@ -291,6 +328,42 @@ FILE_NAMES = {schema.CENTROIDS_PATH: "centroids", schema.ASSIGNMENTS_PATH: "assi
               schema.SELECTED_RECORDS_PATH: "selected_records"}
 
 
+def file_name(path: str) -> str:
+    """The manifest's name for a published file: selection/random/selected.json -> random/selected_records."""
+    if path in FILE_NAMES:
+        return FILE_NAMES[path]
+    strategy, leaf = path.split("/")[1:3]
+    return f"{strategy}/{FILE_NAMES['selection/' + leaf]}"
+
+
+def strategy_counts(config: JobConfig, outputs: dict[str, bytes]) -> dict[str, dict]:
+    """Per strategy asked for: records selected and clusters they come from."""
+    counts = {}
+    for strategy in config.select.strategies:
+        table = io.parquet_from_bytes(outputs[schema.strategy_paths(strategy)[0]])
+        chosen = table.filter(table.column(schema.SELECTED))
+        counts[strategy] = {"selected": chosen.num_rows,
+                            "clusters": len(set(chosen.column(schema.CLUSTER).to_pylist()))}
+    return counts
+
+
+def comparison(other: str, manifest: dict) -> dict:
+    """This run's figures beside those of the finished run under `other` (--compare-with)."""
+    theirs = io.read_json(io.join(other, schema.MANIFEST_PATH))
+
+    def figures(run: dict) -> dict:
+        labels = run.get("labels") or {}
+        return {"model": run["config"].get("model"), "records": run["counts"]["records"],
+                "clusters": run["config"]["cluster"]["clusters"],
+                "collapsed centroid pairs": run["health"]["collapsed_centroid_pairs"],
+                "cluster purity": round(labels["purity"], 3) if "purity" in labels else None,
+                "label groups the selection covers": labels.get("groups_covered_by_selection"),
+                "label groups a random subset covers": labels.get("groups_covered_by_random"),
+                "label groups": labels.get("groups")}
+
+    return {"output": other, "this run": figures(manifest), "that run": figures(theirs)}
+
+
 def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: EmbedStats | None = None) -> dict:
     """k-means + COINCIDE selection over embeddings Parquet files; returns the manifest.
 
@@ -300,6 +373,8 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
     config.validate()
     if not config.embeddings:
         raise InputError("the select stage needs embeddings (--embeddings URI)")
+    if config.compare_with and not io.exists(io.join(config.compare_with, schema.MANIFEST_PATH)):
+        raise InputError(f"--compare-with {config.compare_with}: no finished run there (no {schema.MANIFEST_PATH})")
     if not io.exists(config.embeddings):
         raise FileNotFoundError(f"no such file or folder: {config.embeddings}")
     made = recorded_provenance(config.embeddings)
@@ -327,6 +402,7 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
         else:
             outputs = selection_outputs(config, keys, clusters, shards, prior, progress)
             digests = publish(out, "select", keys.select, outputs, {"rank_key": keys.rank, "transfer_key": keys.transfer})
+        remove_stale_strategies(out, outputs)
         timings["select"] = time.perf_counter() - start - (shards.seconds - read)
         timings["read"] = shards.seconds
     finally:
@@ -353,19 +429,24 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "resources": {"embed": embed.resources if embed else None,
                       "select": shards.shards.plan() if shards.shards is not None else None},
-        "paths": {FILE_NAMES[path]: io.join(out, path) for path in digests},
-        "sha256": {FILE_NAMES[path]: digest for path, digest in digests.items()},
+        "paths": {file_name(path): io.join(out, path) for path in digests},
+        "sha256": {file_name(path): digest for path, digest in digests.items()},
         "stage_keys": {"cluster": keys.cluster, "select": keys.select},
+        "strategies": strategy_counts(config, outputs),
     }
     if config.previous:
         manifest["diff"] = write_diff(config.previous, selection, out, progress)
     labels = None
     if config.label_fields and config.input:
-        labels = label_figures(config.input, list(config.label_fields), selection)
+        masks = {strategy: io.parquet_from_bytes(outputs[schema.strategy_paths(strategy)[0]])
+                 .column(schema.SELECTED).to_numpy(zero_copy_only=False) for strategy in config.select.strategies}
+        labels = label_figures(config.input, list(config.label_fields), selection, strategies=masks)
         manifest["labels"] = {k: v for k, v in labels.items() if k != "per_group"}
         progress(f"labels {'/'.join(config.label_fields)}: cluster purity {labels['purity']:.3f}; the selection "
                  f"covers {labels['groups_covered_by_selection']} of {labels['groups']} groups, a random subset "
                  f"of the same size {labels['groups_covered_by_random']}")
+    if config.compare_with:
+        manifest["compared_with"] = comparison(config.compare_with, manifest)
     report_uri = io.join(out, schema.REPORT_PATH)
     io.write_bytes(report_uri, render_report(manifest, summary, selection, config.embeddings, config.input,
                                              config.image_root, labels).encode())

@@ -87,7 +87,8 @@ def embedding_sample(embeddings: str, selection: pa.Table, rows: int | None = No
     if len(where) > rows:
         picks = np.sort(np.random.default_rng(seed).choice(len(where), size=rows, replace=False))
         where = [where[i] for i in picks]
-    ids, vectors = [], []
+    ids: list[str] = []
+    vectors = np.zeros((0, 0), np.float32)  # filled in place: one file's rows are the only other copy
     for index in sorted({file for file, _, _ in where}):
         wanted = [(row, sample_id) for file, row, sample_id in where if file == index]
         table = io.read_parquet_rows(files[index], np.array([row for row, _ in wanted]), [schema.EMBEDDING])
@@ -95,12 +96,15 @@ def embedding_sample(embeddings: str, selection: pa.Table, rows: int | None = No
         lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)
         values = pc.list_flatten(column).cast(pa.float32()).to_numpy(zero_copy_only=False)
         for (row, sample_id), end, length in zip(wanted, np.cumsum(lengths), lengths):
-            if length:
-                ids.append(sample_id)
-                vectors.append(values[end - length : end])
-    if not vectors or len({len(v) for v in vectors}) != 1:
-        return [], np.zeros((0, 0), np.float32)
-    return ids, np.stack(vectors)
+            if not length:
+                continue
+            if not ids:
+                vectors = np.empty((len(where), length), np.float32)
+            elif length != vectors.shape[1]:
+                return [], np.zeros((0, 0), np.float32)
+            vectors[len(ids)] = values[end - length : end]
+            ids.append(sample_id)
+    return ids, vectors[: len(ids)]
 
 
 PROJECTED_DIMENSION = 256
@@ -184,10 +188,12 @@ def cluster_gallery(records_uri: str, image_root: str | None, selection: pa.Tabl
     return "".join(parts)
 
 
-def label_figures(records_uri: str, fields: list[str], selection: pa.Table, seed: int = 0) -> dict:
+def label_figures(records_uri: str, fields: list[str], selection: pa.Table, seed: int = 0,
+                  strategies: dict[str, np.ndarray] | None = None) -> dict:
     """How the clusters and the selection relate to labels the records carry (e.g. the demo's
-    planted concept and skill): cluster purity, and how many records of each label group the
-    selection holds against a seeded random subset of the same size."""
+    planted concept and skill): cluster purity, how many records of each label group the
+    selection holds against a seeded random subset of the same size, and how many groups
+    each strategy's subset (a boolean mask over `selection`'s rows) covers."""
     from coincide_ray.records import Record, accepted_records
 
     labels = {item.id: "/".join(str(raw.get(field, "-")) for field in fields)
@@ -210,7 +216,34 @@ def label_figures(records_uri: str, fields: list[str], selection: pa.Table, seed
         "groups_covered_by_selection": int(sum(v["selected"] > 0 for v in per_group.values())),
         "groups_covered_by_random": int(sum(v["random"] > 0 for v in per_group.values())),
         "per_group": per_group,
+        "groups_covered_by_strategy": {name: int(len(np.unique(code[np.asarray(mask, dtype=bool)])))
+                                       for name, mask in (strategies or {}).items()},
     }
+
+
+def strategy_section(strategies: dict, labels: dict | None) -> str:
+    """A row per strategy asked for (select.strategies): what it selected, from how many
+    clusters, and how many label groups it covers when labels are known."""
+    if not strategies:
+        return ""
+    covered = (labels or {}).get("groups_covered_by_strategy", {})
+    head = "<tr><th>strategy</th><th>selected</th><th>clusters</th>" + \
+        (f"<th>label groups covered (of {labels['groups']})</th>" if covered else "") + "</tr>"
+    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{figures['selected']}</td><td>{figures['clusters']}</td>"
+                   + (f"<td>{covered.get(name, '-')}</td>" if covered else "") + "</tr>"
+                   for name, figures in strategies.items())
+    return f"<h2>Strategies</h2><p>Each under selection/&lt;strategy&gt;/.</p><table>{head}{rows}</table>"
+
+
+def comparison_section(compared: dict | None) -> str:
+    """This run's figures beside another run's (--compare-with), one row per figure."""
+    if not compared:
+        return ""
+    ours, theirs = compared["this run"], compared["that run"]
+    rows = "".join(f"<tr><th>{html.escape(name)}</th><td>{html.escape(str(ours[name]))}</td>"
+                   f"<td>{html.escape(str(theirs.get(name)))}</td></tr>" for name in ours)
+    return (f"<h2>Compared with {html.escape(compared['output'])}</h2><table><tr><th></th><th>this run</th>"
+            f"<th>that run</th></tr>{rows}</table>")
 
 
 def label_section(figures: dict) -> str:
@@ -290,4 +323,6 @@ def render(manifest: dict, summary: pa.Table, selection: pa.Table, embeddings: s
             f"<h2>Counts</h2>{table(manifest['counts'])}<h2>Seconds per stage</h2>{table(manifest['timings_s'])}"
             f"<h2>What ran where</h2>{resources_table(manifest.get('resources') or {})}"
             f"<h2>Health</h2>{table(manifest['health'])}<h2>Clusters and budget</h2>{''.join(plots)}"
-            f"{label_section(labels) if labels else ''}<h2>A few clusters</h2>{gallery}{CHECK}</body></html>")
+            f"{label_section(labels) if labels else ''}{comparison_section(manifest.get('compared_with'))}"
+            f"{strategy_section(manifest.get('strategies'), labels)}"
+            f"<h2>A few clusters</h2>{gallery}{CHECK}</body></html>")

@@ -27,6 +27,7 @@ SUMMARY = pa.schema(
 )
 # rank is null where a giant cluster was ranked only up to its quota.
 SELECTION = pa.schema([(SAMPLE_ID, pa.string()), (CLUSTER, pa.int64()), (RANK, pa.int64()), (SELECTED, pa.bool_())])
+STRATEGY_SELECTION = pa.schema([(SAMPLE_ID, pa.string()), (CLUSTER, pa.int64()), (SELECTED, pa.bool_())])
 REJECTED = pa.schema([(SAMPLE_ID, pa.string()), (STAGE, pa.string()), (REASON, pa.string()), (DETAIL, pa.string())])
 
 IMAGE_TOKENS = "image_tokens"
@@ -68,6 +69,13 @@ SELECTION_PATH = "selection/selection.parquet"
 REJECTED_PATH = "selection/rejected.parquet"
 SELECTED_RECORDS_PATH = "selection/selected.json"
 DIFF_PATH = "selection/diff.json"
+
+
+def strategy_paths(strategy: str) -> tuple[str, str]:
+    """(selection table, selected records) of an alternative strategy (select.strategies)."""
+    return f"selection/{strategy}/selection.parquet", f"selection/{strategy}/selected.json"
+
+
 MANIFEST_PATH = "manifest.json"
 REPORT_PATH = "report.html"
 

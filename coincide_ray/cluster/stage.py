@@ -454,9 +454,10 @@ class ShardSet:
             if done == hold_at:
                 hold(f"k-means before iteration {done}", release_file())
             began = time.perf_counter()
+            shared = ray.put(centroids)  # sent once per iteration, read by every shard
+            centroids = ray.get(shared)  # a view of that copy: the driver holds no second one of its own
 
-            def iteration(centroids=centroids):
-                shared = ray.put(centroids)  # sent once per iteration, read by every shard
+            def iteration(shared=shared):
                 stats = self.reduced_sums(shared, fit)
                 m = spare_needed(stats.counts)
                 spares = ray.get([w.spare.remote(m) for w in self.workers]) if m else []
@@ -467,9 +468,10 @@ class ShardSet:
             stats, spare, received = self.survive(f"k-means iteration {done + 1}", iteration)
             self.driver_bytes.append(received)
             centroids = update_centroids(stats, spare, centroids)
+            empty = int((stats.counts == 0).sum())
+            del shared, stats, spare  # freed before the next iteration's: the object store reuses their pages
             gauges.set(done + 1, time.perf_counter() - began)
             if progress and (done + 1) % max(1, iterations // 10) == 0:
-                empty = int((stats.counts == 0).sum())
                 progress(f"k-means {'[' + '#' * (24 * (done + 1) // iterations)}"
                          f"{'-' * (24 - 24 * (done + 1) // iterations)}] {done + 1}/{iterations} iterations"
                          + (f", {empty} empty clusters reseeded" if empty else ""))

@@ -10,15 +10,18 @@ Families: "llava" (LlavaForConditionalGeneration: CLIP vision tower + projector 
 decoder under `language_model`, the shape of TinyLLaVA's HF port) and "idefics3"
 (Idefics3ForConditionalGeneration, SmolVLM's architecture: SigLIP-style `vision_model`, a
 pixel-shuffle `connector`, the decoder under `text_model`, image tiles wrapped in
-<fake_token_around_image><global-img> markers). Qwen2-VL would be a third layout, but its
-processor cannot be built without torchvision, which has no CPU build here.
+<fake_token_around_image><global-img> markers) and "llava-next" (LlavaNextForConditionalGeneration
+with a Qwen2 decoder: "anyres" images cut into tiles on a grid of resolutions, so an image's
+token count depends on its shape, as in LLaVA-OneVision). LLaVA-OneVision itself and Qwen2-VL
+would be further layouts, but their processors cannot be built without torchvision (OneVision's
+needs a video processor), which has no CPU build here.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-FAMILIES = ("llava", "idefics3")
+FAMILIES = ("llava", "idefics3", "llava-next")
 
 _CORPUS = [
     "USER: ASSISTANT: SYSTEM: You are a helpful assistant.",
@@ -90,6 +93,8 @@ def build_tiny_checkpoint(
     )
     if family == "llava":
         model, processor = _llava(text, hidden, image_size)
+    elif family == "llava-next":
+        model, processor = _llava_next(text, hidden, image_size)
     else:
         model, processor = _idefics3(text, hidden, image_size)
     model.save_pretrained(folder, safe_serialization=True)
@@ -97,9 +102,16 @@ def build_tiny_checkpoint(
     return folder
 
 
+def _clip_tower(hidden: int, image_size: int, patch: int):
+    """A two-layer CLIP vision tower: LLaVA-1.5's kind, at toy size."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                            num_attention_heads=2, image_size=image_size, patch_size=patch)
+
+
 def _llava(text: dict, hidden: int, image_size: int):
     from transformers import (
-        CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
@@ -121,16 +133,50 @@ def _llava(text: dict, hidden: int, image_size: int):
         image_token="<image>",
     )
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
-            image_size=image_size, patch_size=patch,
-        ),
+        vision_config=_clip_tower(hidden, image_size, patch),
         text_config=LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **text),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
     )
     return LlavaForConditionalGeneration(config).eval(), processor
+
+
+QWEN2_TEMPLATE = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endfor %}"
+)
+
+
+def _llava_next(text: dict, hidden: int, image_size: int):
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+        Qwen2Config,
+    )
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tokenizer = _tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"], "<image>")
+    patch = 8
+    grid = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+            image_grid_pinpoints=grid,
+        ),
+        tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=QWEN2_TEMPLATE, image_token="<image>",
+    )
+    config = LlavaNextConfig(
+        vision_config=_clip_tower(hidden, image_size, patch),
+        text_config=Qwen2Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **text),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=grid, vision_feature_layer=-1, vision_feature_select_strategy="default",
+    )
+    return LlavaNextForConditionalGeneration(config).eval(), processor
 
 
 # TinyLLaVA-2.0B's shape (the paper's reference model): a StableLM-2-1.6B-sized decoder and a

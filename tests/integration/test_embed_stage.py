@@ -145,11 +145,12 @@ def test_changed_model_is_not_mixed_into_old_shards(tmp_path, tiny_model, ray_se
     assert "made with other model_fingerprint" in capsys.readouterr().err
 
 
-def test_second_family_with_default_layers(tmp_path, ray_session):
+@pytest.mark.parametrize("family", ["idefics3", "llava-next"])
+def test_other_families_with_default_layers(family, tmp_path, ray_session):
     from coincide_ray.embed.msa import default_layers
     from coincide_ray.embed.tiny import build_tiny_checkpoint
 
-    model = build_tiny_checkpoint(tmp_path / "idefics3", "idefics3", layers=6)
+    model = build_tiny_checkpoint(tmp_path / family, family, layers=6)
     records = write_corpus(str(tmp_path / "corpus" / "records.json"), str(tmp_path / "corpus"), 12, seed=2)
     out = str(tmp_path / "out")
     base = ["--input", str(tmp_path / "corpus" / "records.json"), "--image-root", str(tmp_path / "corpus"),

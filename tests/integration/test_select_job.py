@@ -115,3 +115,43 @@ def test_centroids_load_without_pickle(tmp_path):
     io.write_npy(np.eye(3, dtype=np.float32), str(tmp_path / "c.npy"))
     raw = (tmp_path / "c.npy").read_bytes()
     assert b"pickle" not in raw and np.array_equal(io.read_npy(str(tmp_path / "c.npy")), np.eye(3))
+
+
+def test_strategies_share_the_clusters_and_stale_ones_are_removed(storage, capsys):
+    from coincide_ray.select.strategies import choose
+
+    emb_uri, vectors, ids, accepted_rows, _ = write_corpus(storage, n=160)
+    out = io.join(storage, "strategies")
+    base = ["select", "--embeddings", emb_uri, "--output", out, "--fraction", "0.25", "--clusters", "5",
+            "--layers", LAYERS, "--iterations", "6"]
+    assert main(base) == 0
+    alone = io.read_parquet(io.join(out, schema.SELECTION_PATH))
+    assert main(base + ["--strategy", "coincide,random,no-density,coincide-random-within"]) == 0
+    assert "re-budgeted from the rankings" in capsys.readouterr().err  # no worker ranked anything again
+    manifest = io.read_json(io.join(out, schema.MANIFEST_PATH))
+    main_selection = io.read_parquet(io.join(out, schema.SELECTION_PATH))
+    assert main_selection.equals(alone)  # selection/selection.parquet stays COINCIDE's
+    summary = io.read_parquet(io.join(out, schema.SUMMARY_PATH))
+    rank = main_selection.column(schema.RANK).to_numpy(zero_copy_only=False)
+    assignments = main_selection.column(schema.CLUSTER).to_numpy()
+    for strategy in ("coincide", "random", "no-density", "coincide-random-within"):
+        table = io.read_parquet(io.join(out, schema.strategy_paths(strategy)[0]))
+        assert table.column(schema.SAMPLE_ID).equals(main_selection.column(schema.SAMPLE_ID))
+        expected = choose(strategy, rank=np.nan_to_num(rank, nan=-1).astype(np.int64), assignments=assignments,
+                          transfer=summary.column("transferability").to_numpy(),
+                          density=summary.column("density").to_numpy(), fraction=0.25, temperature=0.1, seed=1234)
+        got = np.flatnonzero(table.column(schema.SELECTED).to_numpy(zero_copy_only=False))
+        assert got.tolist() == expected.selected.tolist(), strategy
+        assert manifest["strategies"][strategy]["selected"] == len(got)
+        assert manifest["paths"][f"{strategy}/selection"] == io.join(out, schema.strategy_paths(strategy)[0])
+    coincide = io.read_parquet(io.join(out, schema.strategy_paths("coincide")[0])).column(schema.SELECTED)
+    assert coincide.equals(main_selection.column(schema.SELECTED))
+    assert "<h2>Strategies</h2>" in io.read_bytes(io.join(out, schema.REPORT_PATH)).decode()
+
+    assert main(base + ["--strategy", "uniform"]) == 0  # the others are no longer asked for: gone
+    for strategy in ("coincide", "random", "no-density", "coincide-random-within"):
+        assert not io.exists(io.join(out, schema.strategy_paths(strategy)[0]))
+    assert io.exists(io.join(out, schema.strategy_paths("uniform")[0]))
+    assert list(io.read_json(io.join(out, schema.MANIFEST_PATH))["strategies"]) == ["uniform"]
+    assert main(base + ["--strategy", "best"]) == 2
+    assert "unknown strategy 'best'" in capsys.readouterr().err
