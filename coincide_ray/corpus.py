@@ -127,6 +127,8 @@ def long_tail_counts(n: int, *, exponent: float = 1.1, seed: int = 0) -> dict[st
     """Records per group for `n` records: Zipf-like sizes (the k-th largest group ~ 1/k^exponent)
     over the groups in a seeded order, every group given at least one record, so a few groups
     are large and many are rare."""
+    if n < len(GROUPS):
+        raise ValueError(f"a long-tailed corpus needs at least one record per group: n >= {len(GROUPS)}, got {n}")
     order = np.random.default_rng(seed).permutation(len(GROUPS))
     weights = 1.0 / np.arange(1, len(GROUPS) + 1) ** exponent
     counts = 1 + np.floor(weights / weights.sum() * (n - len(GROUPS))).astype(int)

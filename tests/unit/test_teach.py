@@ -23,6 +23,8 @@ def test_the_long_tail_has_every_group_and_a_few_large_ones():
     sizes = sorted(counts.values(), reverse=True)
     assert set(counts) == set(GROUPS) and sum(sizes) == 2000 and min(sizes) >= 1
     assert sizes[0] > 20 * sizes[-1] and sum(sizes[:5]) > sum(sizes[-25:])
+    with pytest.raises(ValueError, match="at least one record per group"):
+        long_tail_counts(len(GROUPS) - 1)
 
 
 def test_labels_are_the_answer_tokens_only(setup):
