@@ -47,14 +47,19 @@ class EmbedStats:
     resources: dict | None = None  # the embedding pool that ran
 
 
-def selected_records_json(input_uri: str, selected_ids: set[str]) -> tuple[bytes, int]:
-    """The selected original records, unchanged, in canonical order, as one JSON list: for an
-    id with several copies, the copy that was accepted (records.accepted_records)."""
+def selected_records_json(input_uri: str, subsets: dict[str, set[str]]) -> dict[str, tuple[bytes, int]]:
+    """Per subset (name -> selected ids): the selected original records, unchanged, in
+    canonical order, as one JSON list, and how many; for an id with several copies, the copy
+    that was accepted (records.accepted_records). The records are read once for all subsets."""
     from coincide_ray.records import Record, accepted_records
 
-    chosen = [raw for _, raw, item in accepted_records(input_uri)
-              if isinstance(item, Record) and item.id in selected_ids]
-    return io.json_bytes(chosen), len(chosen)
+    chosen: dict[str, list] = {name: [] for name in subsets}
+    for _, raw, item in accepted_records(input_uri):
+        if isinstance(item, Record):
+            for name, ids in subsets.items():
+                if item.id in ids:
+                    chosen[name].append(raw)
+    return {name: (io.json_bytes(records), len(records)) for name, records in chosen.items()}
 
 
 def recorded_provenance(embeddings: str) -> dict | None:
@@ -258,20 +263,23 @@ def selection_outputs(config: JobConfig, keys: StageKeys, clusters: Clusters, sh
              schema.SELECTED: selected}, schema=schema.SELECTION)),
         schema.REJECTED_PATH: io.parquet_bytes(rejected),
     }
+    subsets = {schema.SELECTED_RECORDS_PATH: {ids[i] for i in selection.selected}}
+    subsets.update(strategy_outputs(config, clusters, selection, outputs, progress))
     if config.input:
-        outputs[schema.SELECTED_RECORDS_PATH], written = selected_records_json(
-            config.input, {ids[i] for i in selection.selected})
-        progress(f"writing {written} selected records to {io.join(config.output, schema.SELECTED_RECORDS_PATH)}")
-    outputs.update(strategy_outputs(config, clusters, selection, progress))
+        for path, (data, written) in selected_records_json(config.input, subsets).items():
+            outputs[path] = data
+            progress(f"writing {written} selected records to {io.join(config.output, path)}")
     return outputs
 
 
-def strategy_outputs(config: JobConfig, clusters: Clusters, selection, progress: Progress) -> dict[str, bytes]:
-    """selection/<strategy>/ for each of select.strategies, from COINCIDE's clusters, scores
-    and rankings: seconds, however large the run."""
+def strategy_outputs(config: JobConfig, clusters: Clusters, selection, outputs: dict[str, bytes],
+                     progress: Progress) -> dict[str, set[str]]:
+    """selection/<strategy>/selection.parquet for each of select.strategies, added to
+    `outputs`, from COINCIDE's clusters, scores and rankings: seconds, however large the run.
+    Returns each strategy's selected.json path and its selected ids."""
     from coincide_ray.select.strategies import choose
 
-    outputs = {}
+    subsets = {}
     ids, table = clusters.ids, selection.clusters
     for strategy in config.select.strategies:
         chosen = choose(strategy, rank=selection.rank, assignments=clusters.assignments,
@@ -283,11 +291,10 @@ def strategy_outputs(config: JobConfig, clusters: Clusters, selection, progress:
         outputs[selection_path] = io.parquet_bytes(pa.table(
             {schema.SAMPLE_ID: ids, schema.CLUSTER: clusters.assignments, schema.SELECTED: selected},
             schema=schema.STRATEGY_SELECTION))
-        if config.input:
-            outputs[records_path], _ = selected_records_json(config.input, {ids[i] for i in chosen.selected})
+        subsets[records_path] = {ids[i] for i in chosen.selected}
         progress(f"strategy {strategy}: selected {len(chosen.selected)} of {len(ids)}, "
                  f"from {int((np.bincount(clusters.assignments[chosen.selected]) > 0).sum())} clusters")
-    return outputs
+    return subsets
 
 
 def remove_stale_strategies(out: str, published: dict) -> None:

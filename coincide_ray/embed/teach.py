@@ -30,19 +30,13 @@ class Example:
     turns: list[dict]
 
 
-def load_examples(records: list[dict], image_root: str) -> list[Example]:
-    """The records' images opened once, as RGB."""
-    import io as _io
-
+def load_examples(records: list[dict], image_root: str, max_pixels: int = 50_000_000) -> list[Example]:
+    """The records' images fetched and decoded once, as the embed stage decodes them."""
     from coincide_ray import io
+    from coincide_ray.embed.preprocess import decode_image
 
-    out = []
-    for raw in records:
-        image = None
-        if raw.get("image"):
-            image = Image.open(_io.BytesIO(io.read_under(image_root, raw["image"]))).convert("RGB")
-        out.append(Example(image, raw["conversations"]))
-    return out
+    return [Example(decode_image(io.read_under(image_root, raw["image"]), max_pixels) if raw.get("image") else None,
+                    raw["conversations"]) for raw in records]
 
 
 def encode(processor, examples: list[Example], answers: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -129,8 +123,14 @@ def choose_answers(model, processor, examples: list[Example], candidates: list[l
 
 
 def save(model, processor, folder: str | Path) -> Path:
-    """An ordinary safetensors checkpoint that --model loads."""
+    """An ordinary safetensors checkpoint that --model loads, written beside `folder` and
+    renamed into place: a folder that exists is whole."""
+    import shutil
+
     folder = Path(folder)
-    model.save_pretrained(folder, safe_serialization=True)
-    processor.save_pretrained(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    processor.save_pretrained(partial)
+    model.save_pretrained(partial, safe_serialization=True)
+    partial.rename(folder)
     return folder
