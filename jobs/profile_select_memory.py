@@ -1,6 +1,7 @@
 """Where `select`'s memory goes, stage by stage: the driver's and each shard worker's
-resident memory, split into private pages and shared ones (the object store's pages a
-process has touched are counted in its RSS), sampled every 0.2 s and lined up with the
+resident memory (peak), and the peaks of its parts: private (anonymous) pages, mapped files
+(the libraries' code) and shared memory (the object store's pages a process has touched are
+counted in its RSS), sampled every 0.2 s and lined up with the
 run's own progress messages.
 
     python jobs/profile_select_memory.py --rows 20000     # D = 20,480, K = N / 66.5, 5 iterations
@@ -32,7 +33,7 @@ began = time.perf_counter()
 def memory(pid):
     fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status").read().splitlines() if ":" in line)
     kb = lambda key: int(fields.get(key, "0 kB").split()[0]) / 1024
-    return kb("VmRSS"), kb("RssShmem")
+    return kb("RssAnon"), kb("RssFile"), kb("RssShmem")
 
 def watch():
     while not stop.is_set():
@@ -61,10 +62,11 @@ for at, message in events:
     window = [row for t, row in samples if start <= t <= at]
     peaks = {}
     for row in window:
-        for who, (rss, shared) in row.items():
-            old = peaks.get(who, (0.0, 0.0))
-            peaks[who] = (max(old[0], rss), max(old[1], shared))
-    text = "; ".join(f"{who} {rss:.0f} MB ({shared:.0f} shared)" for who, (rss, shared) in sorted(peaks.items()))
+        for who, parts in row.items():
+            old = peaks.get(who, (0.0, 0.0, 0.0, 0.0))
+            peaks[who] = (max(old[0], sum(parts)), *(max(a, b) for a, b in zip(old[1:], parts)))
+    text = "; ".join(f"{who} {rss:.0f} MB (private {anon:.0f}, files {mapped:.0f}, shared {shared:.0f})"
+                     for who, (rss, anon, mapped, shared) in sorted(peaks.items()))
     print(f"{start:6.1f}-{at:6.1f}s up to '{message}': {text}", flush=True)
     start = at
 """

@@ -57,6 +57,16 @@ def as_tensor(rows, device: str = "cpu") -> torch.Tensor:
         return torch.from_numpy(np.asarray(rows)).to(device)
 
 
+WIDE_ELEMENTS = 2**19  # float32 values widened to float64 at a time (4 MB): small temporaries at any dimension
+
+
+def wide_parts(rows: torch.Tensor):
+    """Slices of whole rows of `rows`, WIDE_ELEMENTS values or fewer each (at least one row)."""
+    step = max(1, WIDE_ELEMENTS // max(rows.shape[1], 1))
+    for start in range(0, len(rows), step):
+        yield slice(start, start + step)
+
+
 def unit(rows: torch.Tensor) -> torch.Tensor:
     """Rows widened to float32 and scaled to unit L2 norm; zero rows stay zero.
 
@@ -66,8 +76,21 @@ def unit(rows: torch.Tensor) -> torch.Tensor:
     library splits the reduction; the float64 sum would have to land within 1e-16 of a
     float32 rounding boundary to show it)."""
     x = rows.float()
-    norms = torch.linalg.vector_norm(x.double(), dim=1, keepdim=True).float()
-    return torch.where(norms > 0, x / norms.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+    norms = torch.empty((len(x), 1), dtype=torch.float32, device=x.device)
+    for part in wide_parts(x):
+        norms[part] = torch.linalg.vector_norm(x[part].double(), dim=1, keepdim=True).float()
+    out = x / norms.clamp(min=torch.finfo(torch.float32).tiny)
+    out[norms[:, 0] == 0] = 0.0  # +0.0 whatever the signs of a zero row's entries
+    return out
+
+
+def row_cosines(x_unit: torch.Tensor, centroids: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+    """Each unit row's product with its centroid `centroids[nearest]`, summed in float64
+    (a row at a time, so its bits never depend on its batch), rounded to float32."""
+    cosine = torch.empty(len(x_unit), dtype=torch.float32, device=x_unit.device)
+    for part in wide_parts(x_unit):
+        cosine[part] = (x_unit[part].double() * centroids[nearest[part]].double()).sum(dim=1).float()
+    return cosine
 
 
 def normalised(rows) -> np.ndarray:
@@ -95,7 +118,7 @@ class CentroidIndex:
             part = slice(start, start + self.rows_at_a_time)
             nearest = torch.argmax(x_unit[part] @ self.centroids.T, dim=1)  # the first of equals
             cluster[part] = nearest
-            cosine[part] = (x_unit[part].double() * self.centroids[nearest].double()).sum(dim=1).float()
+            cosine[part] = row_cosines(x_unit[part], self.centroids, nearest)
         return cluster, cosine
 
 
@@ -133,7 +156,7 @@ def to_fixed(rows: np.ndarray) -> np.ndarray:
     return np.rint(np.asarray(rows, dtype=np.float32) * np.float32(FIXED_POINT)).astype(np.int64)
 
 
-SUM_ELEMENTS = 2**21  # values converted and added at a time: small temporaries at any dimension
+SUM_ELEMENTS = 2**19  # values converted and added at a time (6 MB of temporaries) at any dimension
 
 
 class Sums:

@@ -144,6 +144,10 @@ class ShardWorker:
     def __init__(self, files: list[str], threads: int = 0):
         import torch
 
+        # The C heap, not Arrow's default mimalloc: the rows are kept as Arrow's decoded
+        # buffers for the whole run, and mimalloc's segments around them held about 6% more
+        # resident memory than the rows themselves (96 MB at a 1.56 GB share).
+        pa.set_memory_pool(pa.system_memory_pool())
         if threads:  # the node's cores: Ray sets a fractional-CPU actor's OpenMP threads to 1
             torch.set_num_threads(threads)
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
@@ -236,6 +240,7 @@ class ShardWorker:
 
     def assign_all(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         cluster, cosine = self._assign(centroids, np.arange(len(self.x)))
+        return_freed_memory()
         return self.index, cluster, cosine
 
     def bucket_rows(self, assignments: np.ndarray, bucket_of_cluster: np.ndarray,
@@ -245,7 +250,9 @@ class ShardWorker:
         being scored have a copy in the object store. `assignments` covers every accepted row."""
         cluster = assignments[self.index]
         rows = np.flatnonzero(bucket_of_cluster[cluster] == bucket)
-        return self.index[rows], cluster[rows], self.x.take(rows)
+        picked = self.index[rows], cluster[rows], self.x.take(rows)
+        return_freed_memory()  # the previous bucket's copy
+        return picked
 
 
 LOST = (RayActorError, ObjectLostError, OwnerDiedError, WorkerCrashedError, NodeDiedError)

@@ -22,7 +22,7 @@ from coincide_ray.select.scoring import transferability
 from coincide_ray.select.selection import Selection, assemble, scores_and_quotas
 
 BUCKET_PAIRS = 50_000_000  # kernel entries per scoring task: about a second of work
-BUCKET_BYTES = 64 * 2**20  # float32 rows per scoring task: what one bucket puts in the object store
+BUCKET_BYTES = 16 * 2**20  # float32 rows per scoring task: what one bucket puts in the object store
 
 
 @dataclass
