@@ -36,22 +36,32 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
         draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
-def _picture(rng: np.random.Generator, size: int) -> tuple[Image.Image, dict]:
-    background = tuple(int(v) for v in rng.integers(200, 256, size=3))
-    image = Image.new("RGB", (size, size), background)
-    draw = ImageDraw.Draw(image)
-    if rng.random() < 0.2:
-        word = str(rng.choice(WORDS))
-        draw.text((size // 6, size // 3), word, fill=(0, 0, 0))
-        return image, {"word": word}
-    colour = str(rng.choice(list(COLOURS)))
-    shape = str(rng.choice(SHAPES))
-    count = int(rng.integers(1, 5))
+def _canvas(rng: np.random.Generator, size: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    """A blank picture on a seeded light background."""
+    image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(200, 256, size=3)))
+    return image, ImageDraw.Draw(image)
+
+
+def _sign(draw: ImageDraw.ImageDraw, size: int, word: str) -> str:
+    draw.text((size // 6, size // 3), word, fill=(0, 0, 0))
+    return word
+
+
+def _shapes(draw: ImageDraw.ImageDraw, size: int, facts: dict) -> dict:
+    """`facts["count"]` shapes of `facts["shape"]` in `facts["colour"]`, one per quarter."""
     cell = size // 2
-    for k in range(count):
+    for k in range(facts["count"]):
         x, y = (k % 2) * cell, (k // 2) * cell
-        _draw_shape(draw, shape, (x + 4, y + 4, x + cell - 4, y + cell - 4), COLOURS[colour])
-    return image, {"colour": colour, "shape": shape, "count": count}
+        _draw_shape(draw, facts["shape"], (x + 4, y + 4, x + cell - 4, y + cell - 4), COLOURS[facts["colour"]])
+    return facts
+
+
+def _picture(rng: np.random.Generator, size: int) -> tuple[Image.Image, dict]:
+    image, draw = _canvas(rng, size)
+    if rng.random() < 0.2:
+        return image, {"word": _sign(draw, size, str(rng.choice(WORDS)))}
+    return image, _shapes(draw, size, {"colour": str(rng.choice(list(COLOURS))), "shape": str(rng.choice(SHAPES)),
+                                       "count": int(rng.integers(1, 5))})
 
 
 def _conversation(facts: dict, rng: np.random.Generator, skill: str | None = None) -> tuple[str, str, list[dict]]:
@@ -141,20 +151,13 @@ def _group_record(group: str, rng: np.random.Generator, size: int) -> tuple[Imag
     concept, skill = group.split("/")
     if skill == "text":
         return None, _text_only(rng)[2]
-    image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(200, 256, size=3)))
-    draw = ImageDraw.Draw(image)
+    image, draw = _canvas(rng, size)
     if skill == "read":
-        word = str(rng.choice(WORDS))
-        draw.text((size // 6, size // 3), word, fill=(0, 0, 0))
-        return image, [{"from": "human", "value": "<image>\nWhat does the sign say?"},
-                       {"from": "gpt", "value": f"It says {word}."}]
-    colour, shape = concept.split()
-    count = int(rng.integers(1, 5))
-    cell = size // 2
-    for k in range(count):
-        x, y = (k % 2) * cell, (k // 2) * cell
-        _draw_shape(draw, shape, (x + 4, y + 4, x + cell - 4, y + cell - 4), COLOURS[colour])
-    return image, _conversation({"colour": colour, "shape": shape, "count": count}, rng, skill)[2]
+        facts = {"word": _sign(draw, size, str(rng.choice(WORDS)))}
+    else:
+        colour, shape = concept.split()
+        facts = _shapes(draw, size, {"colour": colour, "shape": shape, "count": int(rng.integers(1, 5))})
+    return image, _conversation(facts, rng, skill)[2]
 
 
 def write_grouped_corpus(records_uri: str, image_root: str, counts: dict[str, int], *, seed: int = 0,

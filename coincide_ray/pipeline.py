@@ -343,11 +343,10 @@ def file_name(path: str) -> str:
     return f"{strategy}/{FILE_NAMES['selection/' + leaf]}"
 
 
-def strategy_counts(config: JobConfig, outputs: dict[str, bytes]) -> dict[str, dict]:
-    """Per strategy asked for: records selected and clusters they come from."""
+def strategy_counts(tables: dict[str, pa.Table]) -> dict[str, dict]:
+    """Per strategy's selection table: records selected and clusters they come from."""
     counts = {}
-    for strategy in config.select.strategies:
-        table = io.parquet_from_bytes(outputs[schema.strategy_paths(strategy)[0]])
+    for strategy, table in tables.items():
         chosen = table.filter(table.column(schema.SELECTED))
         counts[strategy] = {"selected": chosen.num_rows,
                             "clusters": len(set(chosen.column(schema.CLUSTER).to_pylist()))}
@@ -417,6 +416,8 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
 
     summary = io.parquet_from_bytes(outputs[schema.SUMMARY_PATH])
     selection = io.parquet_from_bytes(outputs[schema.SELECTION_PATH])
+    strategy_tables = {strategy: io.parquet_from_bytes(outputs[schema.strategy_paths(strategy)[0]])
+                       for strategy in config.select.strategies}
     selected = int(pc.sum(selection.column(schema.SELECTED)).as_py() or 0)
     rejected = io.parquet_from_bytes(outputs[schema.REJECTED_PATH]).column(schema.REASON).to_pylist()
     accepted = len(clusters.ids)
@@ -439,14 +440,14 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
         "paths": {file_name(path): io.join(out, path) for path in digests},
         "sha256": {file_name(path): digest for path, digest in digests.items()},
         "stage_keys": {"cluster": keys.cluster, "select": keys.select},
-        "strategies": strategy_counts(config, outputs),
+        "strategies": strategy_counts(strategy_tables),
     }
     if config.previous:
         manifest["diff"] = write_diff(config.previous, selection, out, progress)
     labels = None
     if config.label_fields and config.input:
-        masks = {strategy: io.parquet_from_bytes(outputs[schema.strategy_paths(strategy)[0]])
-                 .column(schema.SELECTED).to_numpy(zero_copy_only=False) for strategy in config.select.strategies}
+        masks = {strategy: table.column(schema.SELECTED).to_numpy(zero_copy_only=False)
+                 for strategy, table in strategy_tables.items()}
         labels = label_figures(config.input, list(config.label_fields), selection, strategies=masks)
         manifest["labels"] = {k: v for k, v in labels.items() if k != "per_group"}
         progress(f"labels {'/'.join(config.label_fields)}: cluster purity {labels['purity']:.3f}; the selection "
