@@ -20,9 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchkit import report
-
 HERE = Path(__file__).resolve().parent
+BENCH = HERE / "bench"  # the benchmark scripts and their helper, benchkit.py
+sys.path.insert(0, str(BENCH))
+
+from benchkit import report  # noqa: E402
 SCRIPTS = ["bench_select.py", "bench_kmeans.py", "bench_embed.py", "bench_selection_stage.py", "bench_real_dimension.py",
            "bench_cluster_traffic.py", "bench_batching.py", "bench_fetch.py"]
 
@@ -34,7 +36,7 @@ def is_figure(line: str) -> bool:
 def run_script(script: str, quick: bool) -> int:
     """Run one benchmark script, echo its figure lines; returns how many there were, or -1
     when the script failed (a figure it printed before failing does not make it a success)."""
-    command = [sys.executable, str(HERE / script), *(["--quick"] if quick else [])]
+    command = [sys.executable, str(BENCH / script), *(["--quick"] if quick else [])]
     out = subprocess.run(command, capture_output=True, text=True)
     figures = [line for line in out.stdout.splitlines() if is_figure(line)]
     for line in figures:

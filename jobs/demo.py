@@ -22,8 +22,8 @@ from pathlib import Path
 
 from coincide_ray import io, schema
 from coincide_ray.cli import main as cli_main
-from coincide_ray.corpus import long_tail_counts, write_grouped_corpus
-from coincide_ray.embed.tiny import build_tiny_checkpoint
+from coincide_ray.toy.corpus import long_tail_counts, write_grouped_corpus
+from coincide_ray.toy.tiny import build_tiny_checkpoint
 
 SHAPE = dict(hidden=64, layers=8, heads=4, image_size=32)  # the model sees the 64 px images at 32 px
 
@@ -32,7 +32,7 @@ def reference_models(root: Path, records: list[dict], corpus: Path, epochs: floa
     """(random-weight model, the same model trained on the corpus, training seconds)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from coincide_ray.embed.teach import load_examples, save, train
+    from coincide_ray.toy.teach import load_examples, save, train
 
     random_model, trained_model = root / "model-random", root / "model"
     if not (random_model / "config.json").exists():

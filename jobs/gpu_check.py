@@ -25,9 +25,12 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
-from benchkit import report
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))  # benchkit.py
+from benchkit import report  # noqa: E402
 
 LLAVA_665K = 665_298
 PAPER = dict(layers=(3, 7, 11, 15, 19), clusters=10_000, iterations=50)
@@ -92,12 +95,12 @@ def main() -> int:
 
     from coincide_ray.cluster.kmeans import spherical_kmeans
     from coincide_ray.config import EmbedConfig, JobConfig
-    from coincide_ray.corpus import write_corpus
+    from coincide_ray.toy.corpus import write_corpus
     from coincide_ray.embed.model import load_model
     from coincide_ray.embed.msa import extract_msa_embeddings
     from coincide_ray.embed.preprocess import Preprocessor
     from coincide_ray.embed.stage import plan_blocks, run_embed
-    from coincide_ray.embed.tiny import TINYLLAVA_2B, TINYLLAVA_QUICK, build_tinyllava_shaped
+    from coincide_ray.toy.tiny import TINYLLAVA_2B, TINYLLAVA_QUICK, build_tinyllava_shaped
     from coincide_ray.select import select_from_clusters
 
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -37,7 +37,7 @@ import numpy as np
 
 from coincide_ray import io, schema
 from coincide_ray.cli import main as cli_main
-from coincide_ray.corpus import COLOURS, GROUPS, SHAPES, WORDS, long_tail_counts, write_grouped_corpus
+from coincide_ray.toy.corpus import COLOURS, GROUPS, SHAPES, WORDS, long_tail_counts, write_grouped_corpus
 from coincide_ray.select.strategies import STRATEGIES, choose
 
 HERE = Path(__file__).resolve().parent
@@ -75,7 +75,7 @@ def train_and_score(subset: list[dict], test: list[dict], corpus: Path, steps: i
     """Accuracy per test group of the target model trained on `subset` from the checkpoint `start`."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from coincide_ray.embed.teach import choose_answers, load_examples, train
+    from coincide_ray.toy.teach import choose_answers, load_examples, train
 
     processor = AutoProcessor.from_pretrained(start)
     model = AutoModelForImageTextToText.from_pretrained(start)
@@ -166,8 +166,8 @@ def main() -> int:
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from coincide_ray.embed.teach import load_examples, save, train
-    from coincide_ray.embed.tiny import build_tiny_checkpoint
+    from coincide_ray.toy.teach import load_examples, save, train
+    from coincide_ray.toy.tiny import build_tiny_checkpoint
 
     shape = dict(hidden=size["hidden"], layers=size["layers"], heads=4, image_size=32)
     start = build_tiny_checkpoint(root / "target-start", "llava", seed=1, **shape)

@@ -284,14 +284,11 @@ def spherical_kmeans(
     `init` (k, d) replaces the seeded draw of k rows, e.g. a previous run's centroids.
     `sample_fraction` < 1 fits the centroids on a seeded sample of rows, then assigns all.
 
-    `x` is an (n, d) array, or a list of embeddings Parquet files / a folder of them, which
-    runs the same algorithm on Ray with the rows kept on workers (same result, same bits).
+    `x` is an (n, d) array in memory. Embeddings files too large for one process go to
+    `cluster.stage.spherical_kmeans_on_ray`: the same algorithm with the rows kept on Ray
+    workers (same result, same bits).
     """
-    if not isinstance(x, np.ndarray):
-        from coincide_ray.cluster.stage import spherical_kmeans_on_ray
-
-        return spherical_kmeans_on_ray(x, k, iterations=iterations, seed=seed, init=init,
-                                       sample_fraction=sample_fraction)
+    x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"expected a 2-D array, got shape {x.shape}")
     check_kmeans_args(k, iterations)

@@ -68,6 +68,6 @@ def ray_session(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    from coincide_ray.embed.tiny import build_tiny_checkpoint
+    from coincide_ray.toy.tiny import build_tiny_checkpoint
 
     return str(build_tiny_checkpoint(tmp_path_factory.mktemp("model"), "llava", layers=6))

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 
 from coincide_ray import io, schema
-from coincide_ray.synthetic import planted_embeddings
+from coincide_ray.toy.synthetic import planted_embeddings
 
 
 def write_corpus(base, n=600):

@@ -13,7 +13,7 @@ from test_embed_stage import job_yaml
 
 from coincide_ray import io, schema
 from coincide_ray.cli import main
-from coincide_ray.corpus import write_corpus
+from coincide_ray.toy.corpus import write_corpus
 
 CONTRACT = [schema.CENTROIDS_PATH, schema.ASSIGNMENTS_PATH, schema.SUMMARY_PATH, schema.SELECTION_PATH,
             schema.REJECTED_PATH, schema.SELECTED_RECORDS_PATH]
@@ -96,7 +96,7 @@ def flat_parquet(path, ids, vectors):
 
 
 def test_embeddings_replaced_by_others_of_the_same_size_are_not_reused(tmp_path):
-    from coincide_ray.synthetic import planted_embeddings
+    from coincide_ray.toy.synthetic import planted_embeddings
 
     emb = tmp_path / "emb"
     emb.mkdir()
@@ -118,7 +118,7 @@ def test_embeddings_replaced_by_others_of_the_same_size_are_not_reused(tmp_path)
 
 
 def test_select_refusals_and_warnings_are_one_line(tmp_path, tiny_model, capsys):
-    from coincide_ray.synthetic import planted_embeddings
+    from coincide_ray.toy.synthetic import planted_embeddings
 
     emb = tmp_path / "emb"
     x, _ = planted_embeddings(60, num_layers=2, hidden=8, groups=3, seed=1)

@@ -16,7 +16,7 @@ from test_embed_stage import job_yaml
 
 from coincide_ray import io, schema
 from coincide_ray.cli import main
-from coincide_ray.corpus import write_corpus
+from coincide_ray.toy.corpus import write_corpus
 from coincide_ray.holds import VARIABLE
 
 CONTRACT = [schema.CENTROIDS_PATH, schema.ASSIGNMENTS_PATH, schema.SUMMARY_PATH, schema.SELECTION_PATH,

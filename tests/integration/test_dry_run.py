@@ -4,7 +4,7 @@ import os
 
 from coincide_ray import io
 from coincide_ray.cli import main
-from coincide_ray.corpus import write_corpus
+from coincide_ray.toy.corpus import write_corpus
 
 
 def test_dry_run_plans_and_writes_nothing(tmp_path, tiny_model, capsys):

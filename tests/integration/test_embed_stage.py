@@ -10,7 +10,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from coincide_ray import io, schema
 from coincide_ray.cli import main
-from coincide_ray.corpus import BROKEN_REASONS, write_corpus
+from coincide_ray.toy.corpus import BROKEN_REASONS, write_corpus
 
 LAYERS = "1,3,4"
 
@@ -134,7 +134,7 @@ def test_model_errors_are_one_line(tmp_path, capsys, tiny_model):
 
 
 def test_changed_model_is_not_mixed_into_old_shards(tmp_path, tiny_model, ray_session, capsys):
-    from coincide_ray.embed.tiny import build_tiny_checkpoint
+    from coincide_ray.toy.tiny import build_tiny_checkpoint
 
     write_corpus(str(tmp_path / "corpus" / "records.json"), str(tmp_path / "corpus"), 6, seed=1, broken=False)
     args = ["embed", "--input", str(tmp_path / "corpus" / "records.json"), "--image-root", str(tmp_path / "corpus"),
@@ -148,7 +148,7 @@ def test_changed_model_is_not_mixed_into_old_shards(tmp_path, tiny_model, ray_se
 @pytest.mark.parametrize("family", ["idefics3", "llava-next"])
 def test_other_families_with_default_layers(family, tmp_path, ray_session):
     from coincide_ray.embed.msa import default_layers
-    from coincide_ray.embed.tiny import build_tiny_checkpoint
+    from coincide_ray.toy.tiny import build_tiny_checkpoint
 
     model = build_tiny_checkpoint(tmp_path / family, family, layers=6)
     records = write_corpus(str(tmp_path / "corpus" / "records.json"), str(tmp_path / "corpus"), 12, seed=2)

@@ -8,7 +8,7 @@ from embeddings_corpus import write_corpus as write_embeddings
 
 from coincide_ray import io, schema
 from coincide_ray.cli import main
-from coincide_ray.corpus import write_corpus
+from coincide_ray.toy.corpus import write_corpus
 
 SELECT = ["--clusters", "4", "--iterations", "10", "--fraction", "0.3"]
 

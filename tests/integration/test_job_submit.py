@@ -15,7 +15,7 @@ import pytest
 from ray_head import RAY, RayHead
 
 from coincide_ray import io, schema
-from coincide_ray.corpus import write_corpus
+from coincide_ray.toy.corpus import write_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 

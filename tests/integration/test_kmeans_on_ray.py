@@ -3,7 +3,7 @@ import pytest
 
 from coincide_ray import io, schema
 from coincide_ray.cluster import spherical_kmeans
-from coincide_ray.synthetic import planted_embeddings
+from coincide_ray.toy.synthetic import planted_embeddings
 
 
 def write_parts(folder, x, sizes):
@@ -30,11 +30,13 @@ def test_same_bits_as_in_memory(tmp_path, ray_session, workers, sizes):
     assert got.objective == expected.objective
 
 
-def test_empty_clusters_sampling_and_dispatch(tmp_path, ray_session):
+def test_empty_clusters_and_sampling(tmp_path, ray_session):
+    from coincide_ray.cluster.stage import spherical_kmeans_on_ray
+
     x = np.repeat(np.eye(4, dtype=np.float32), [300, 5, 5, 5], axis=0)  # k > distinct rows: clusters stay empty
     x += np.random.default_rng(0).normal(0, 0.05, x.shape).astype(np.float32)
     folder = write_parts(str(tmp_path / "emb"), x, [100, 215])
     expected = spherical_kmeans(x, 9, iterations=6, seed=1, sample_fraction=0.5)
-    got = spherical_kmeans(folder, 9, iterations=6, seed=1, sample_fraction=0.5)  # a folder runs on Ray
+    got = spherical_kmeans_on_ray(folder, 9, iterations=6, seed=1, sample_fraction=0.5)
     assert np.array_equal(got.centroids, expected.centroids)
     assert np.array_equal(got.assignments, expected.assignments)

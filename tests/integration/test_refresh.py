@@ -11,7 +11,7 @@ from test_embed_stage import embeddings_by_id, job_yaml
 
 from coincide_ray import io, schema
 from coincide_ray.cli import main
-from coincide_ray.corpus import write_corpus
+from coincide_ray.toy.corpus import write_corpus
 
 
 def flags(base, tmp_path, corpus, name):

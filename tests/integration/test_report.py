@@ -12,7 +12,7 @@ from test_embed_stage import job_yaml
 
 from coincide_ray import io, schema
 from coincide_ray.cli import main
-from coincide_ray.corpus import write_corpus
+from coincide_ray.toy.corpus import write_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 

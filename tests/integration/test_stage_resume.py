@@ -10,7 +10,7 @@ from coincide_ray.cluster import spherical_kmeans
 from coincide_ray.config import ClusterConfig, JobConfig, SelectConfig
 from coincide_ray.pipeline import run_select
 from coincide_ray.select import select_from_clusters
-from coincide_ray.synthetic import planted_embeddings
+from coincide_ray.toy.synthetic import planted_embeddings
 
 FILES = [schema.CENTROIDS_PATH, schema.ASSIGNMENTS_PATH, schema.SUMMARY_PATH, schema.SELECTION_PATH,
          schema.REJECTED_PATH]

@@ -58,7 +58,7 @@ def test_credentials_never_reach_outputs_or_logs(s3_endpoint, capsys):
 def test_embedding_through_faults_equals_embedding_without(s3_endpoint, faults, tmp_path, tiny_model):
     from test_embed_stage import job_yaml
 
-    from coincide_ray.corpus import write_corpus as write_records
+    from coincide_ray.toy.corpus import write_corpus as write_records
 
     base = "s3://coincide-test/embed-faults"
     write_records(io.join(base, "corpus", "records.json"), io.join(base, "corpus"), 24, seed=4)

@@ -102,7 +102,7 @@ def test_errors_that_cannot_pass_are_not_retried(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    from coincide_ray.embed.tiny import build_tiny_checkpoint
+    from coincide_ray.toy.tiny import build_tiny_checkpoint
 
     return str(build_tiny_checkpoint(tmp_path_factory.mktemp("m"), "llava", layers=2))
 

@@ -12,7 +12,7 @@ from coincide_ray.cluster.kmeans import (
     partial_sums,
     normalised,
 )
-from coincide_ray.synthetic import planted_embeddings
+from coincide_ray.toy.synthetic import planted_embeddings
 
 
 def faiss_objective(x, k, iterations, seed, init=None):

@@ -9,7 +9,7 @@ import pytest
 from coincide_ray.cluster import spherical_kmeans
 from coincide_ray.arrays import unit_rows
 from coincide_ray.cluster.kmeans import initial_centroids
-from coincide_ray.synthetic import planted_embeddings
+from coincide_ray.toy.synthetic import planted_embeddings
 
 
 def positive_data(n, seed, d=12, groups=5):

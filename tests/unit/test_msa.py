@@ -8,7 +8,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from coincide_ray.embed.msa import decoder_info, default_layers, extract_msa_embeddings
-from coincide_ray.embed.tiny import FAMILIES, build_tiny_checkpoint
+from coincide_ray.toy.tiny import FAMILIES, build_tiny_checkpoint
 
 LAYERS = [1, 3, 4]
 

@@ -5,13 +5,13 @@ import pytest
 from PIL import Image
 from transformers import AutoProcessor
 
-from coincide_ray.corpus import bomb_png
+from coincide_ray.toy.corpus import bomb_png
 from coincide_ray.embed.preprocess import (
     Preprocessor,
     decode_image,
     template_prefix_tokens,
 )
-from coincide_ray.embed.tiny import build_tiny_checkpoint
+from coincide_ray.toy.tiny import build_tiny_checkpoint
 from coincide_ray.records import Record, Rejection
 
 

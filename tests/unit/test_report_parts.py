@@ -51,7 +51,7 @@ def test_the_projection_reads_only_its_sample_of_vectors(tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
     from coincide_ray import io, report
-    from coincide_ray.synthetic import planted_embeddings
+    from coincide_ray.toy.synthetic import planted_embeddings
 
     x, _ = planted_embeddings(900, num_layers=2, hidden=8, seed=1)
     ids = [f"r{i}" for i in range(900)]

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from coincide_ray.select import select_from_clusters
-from coincide_ray.synthetic import planted_embeddings
+from coincide_ray.toy.synthetic import planted_embeddings
 
 LAYERS = 2
 

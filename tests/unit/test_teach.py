@@ -1,12 +1,12 @@
-"""Teaching a tiny checkpoint its corpus (coincide_ray/embed/teach.py)."""
+"""Teaching a tiny checkpoint its corpus (coincide_ray/toy/teach.py)."""
 
 import numpy as np
 import pytest
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from coincide_ray.corpus import GROUPS, long_tail_counts, write_grouped_corpus
-from coincide_ray.embed.teach import IGNORE, choose_answers, encode, load_examples, train
-from coincide_ray.embed.tiny import build_tiny_checkpoint
+from coincide_ray.toy.corpus import GROUPS, long_tail_counts, write_grouped_corpus
+from coincide_ray.toy.teach import IGNORE, choose_answers, encode, load_examples, train
+from coincide_ray.toy.tiny import build_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

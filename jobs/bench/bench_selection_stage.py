@@ -1,12 +1,12 @@
 """The select stage (k-means + scoring + fan-out) at growing N: time and memory per stage.
 
-    python jobs/bench_selection_stage.py           # 10k, 100k, 665k rows x 1,024 (BENCHMARKS.md)
-    python jobs/bench_selection_stage.py --quick   # 2k and 10k rows x 128: checks the script works
+    python jobs/bench/bench_selection_stage.py           # 10k, 100k, 665k rows x 1,024 (BENCHMARKS.md)
+    python jobs/bench/bench_selection_stage.py --quick   # 2k and 10k rows x 128: checks the script works
 
-Synthetic embeddings with planted groups (coincide_ray.synthetic, 4 layers x 128 hidden:
+Synthetic embeddings with planted groups (coincide_ray.toy.synthetic, 4 layers x 128 hidden:
 D = 1,024) are written as Parquet parts of 10,000 rows, then `run_select` runs on a local
 Ray with every core, K = N / 665 (as LLaVA-665K at K = 1,000), few Lloyd iterations (the
-k-means figure of record is jobs/bench_kmeans.py). Each size runs in a fresh process, so
+k-means figure of record is jobs/bench/bench_kmeans.py). Each size runs in a fresh process, so
 the driver's peak RSS belongs to that size alone. The baseline of each figure is the
 smallest size's, scaled linearly to N: a ratio near 1 means linear growth.
 """
@@ -28,7 +28,7 @@ import numpy as np, pyarrow.parquet as pq, ray
 from coincide_ray import io, schema
 from coincide_ray.config import ClusterConfig, JobConfig, SelectConfig
 from coincide_ray.pipeline import run_select
-from coincide_ray.synthetic import planted_embeddings
+from coincide_ray.toy.synthetic import planted_embeddings
 
 n, layers, hidden, iterations, folder = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 part_rows = 10_000

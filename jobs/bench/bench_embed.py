@@ -1,7 +1,7 @@
 """Embedding-stage throughput: the Ray pipeline against a bare loop of the same model.
 
-    python jobs/bench_embed.py            # the figure of record (BENCHMARKS.md)
-    python jobs/bench_embed.py --quick    # small sizes: checks the script works
+    python jobs/bench/bench_embed.py            # the figure of record (BENCHMARKS.md)
+    python jobs/bench/bench_embed.py --quick    # small sizes: checks the script works
 
 The bare loop runs the model in this process, with every core, over batches prepared
 beforehand (no decoding, no tokenising, no I/O): the limit the pipeline can approach.
@@ -34,12 +34,12 @@ def main() -> int:
     import ray
 
     from coincide_ray.config import EmbedConfig, JobConfig
-    from coincide_ray.corpus import write_corpus
+    from coincide_ray.toy.corpus import write_corpus
     from coincide_ray.embed.model import load_model
     from coincide_ray.embed.msa import extract_msa_embeddings
     from coincide_ray.embed.preprocess import Preprocessor
     from coincide_ray.embed.stage import plan_blocks, run_embed
-    from coincide_ray.embed.tiny import build_tiny_checkpoint
+    from coincide_ray.toy.tiny import build_tiny_checkpoint
 
     base = tempfile.mkdtemp(prefix="bench-embed-")
     write_corpus(f"{base}/corpus/records.json", f"{base}/corpus", records, seed=0, image_size=image,

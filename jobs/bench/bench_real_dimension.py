@@ -1,8 +1,8 @@
 """`select` at the paper's dimension, D = 20,480 (5 layers x 2,048): time and memory.
 
-    python jobs/bench_real_dimension.py                       # N = 20,000 (BENCHMARKS.md)
-    python jobs/bench_real_dimension.py --rows 20000,100000   # on a machine with room for 100,000
-    python jobs/bench_real_dimension.py --quick               # N = 3,000: checks the script works (tests)
+    python jobs/bench/bench_real_dimension.py                       # N = 20,000 (BENCHMARKS.md)
+    python jobs/bench/bench_real_dimension.py --rows 20000,100000   # on a machine with room for 100,000
+    python jobs/bench/bench_real_dimension.py --quick               # N = 3,000: checks the script works (tests)
 
 N = 100,000 is not in the default: it needs about 12 GB and half an hour of both cores on the
 project's 2-core machines, most of it k-means (BENCHMARKS.md).
@@ -40,7 +40,7 @@ MB = 2**20
 GENERATE = r"""
 import sys
 from coincide_ray import io, schema
-from coincide_ray.synthetic import planted_embeddings
+from coincide_ray.toy.synthetic import planted_embeddings
 n, layers, hidden, rows = map(int, sys.argv[1:5])
 folder = sys.argv[5]
 for part, start in enumerate(range(0, n, rows)):

@@ -4,9 +4,9 @@ resident memory (peak), and the peaks of its parts: private (anonymous) pages, m
 counted in its RSS), sampled every 0.2 s and lined up with the
 run's own progress messages.
 
-    python jobs/profile_select_memory.py --rows 20000     # D = 20,480, K = N / 66.5, 5 iterations
+    python jobs/bench/profile_select_memory.py --rows 20000     # D = 20,480, K = N / 66.5, 5 iterations
 
-The profile behind the memory figures of jobs/bench_real_dimension.py (BENCHMARKS.md).
+The profile behind the memory figures of jobs/bench/bench_real_dimension.py (BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ prepare stage forms (`coincide_ray.embed.preprocess.plan_batches`) with the defa
 `embed.block_records`, `batch_size` and `batch_tokens`. Padding is the share of the tokens
 a forward pass computes that are padding. Target: at most 5%.
 
-    python jobs/bench_batching.py [--quick]
+    python jobs/bench/bench_batching.py [--quick]
 """
 
 from __future__ import annotations

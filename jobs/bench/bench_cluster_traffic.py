@@ -1,7 +1,7 @@
 """Bytes the driver receives per Lloyd iteration, on 1 and 4 simulated nodes.
 
-    python jobs/bench_cluster_traffic.py            # N = 4,000, D = 1,024, K = 100, nodes of 2 CPUs
-    python jobs/bench_cluster_traffic.py --quick    # smaller: checks the script works (tests)
+    python jobs/bench/bench_cluster_traffic.py            # N = 4,000, D = 1,024, K = 100, nodes of 2 CPUs
+    python jobs/bench/bench_cluster_traffic.py --quick    # smaller: checks the script works (tests)
 
 Each size runs in a process of its own on Ray's multi-node simulator (ray.cluster_utils.Cluster:
 one raylet per simulated node on this machine), with one shard worker per node, and reads the
@@ -28,7 +28,7 @@ import ray
 from ray.cluster_utils import Cluster
 from coincide_ray import io, schema
 from coincide_ray.cluster.stage import ShardSet
-from coincide_ray.synthetic import planted_embeddings
+from coincide_ray.toy.synthetic import planted_embeddings
 
 nodes, cpus, n, dim, k, folder = map(str, sys.argv[1:7])
 nodes, cpus, n, dim, k = int(nodes), int(cpus), int(n), int(dim), int(k)

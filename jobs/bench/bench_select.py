@@ -1,7 +1,7 @@
 """Benchmarks of the selection core, each against a baseline measured in the same run.
 
-    python jobs/bench_select.py            # the figures of record (BENCHMARKS.md)
-    python jobs/bench_select.py --quick    # small sizes, seconds: checks the script works
+    python jobs/bench/bench_select.py            # the figures of record (BENCHMARKS.md)
+    python jobs/bench/bench_select.py --quick    # small sizes, seconds: checks the script works
 
 One line per figure: name, value, unit, baseline, ratio, target, verdict.
 """

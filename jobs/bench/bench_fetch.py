@@ -7,7 +7,7 @@ record is the prepare stage's images/s with the delay over its images/s without 
 with the default number of requests in flight. Target: at least 0.7. The same ratio with
 one request at a time (how images were fetched before) is shown beside it.
 
-    python jobs/bench_fetch.py [--quick]
+    python jobs/bench/bench_fetch.py [--quick]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from benchkit import machine, report
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "integration"))
 
 DELAY_S = 0.040
 
@@ -49,10 +49,10 @@ def main() -> None:
 
     from coincide_ray import io
     from coincide_ray.config import EmbedConfig
-    from coincide_ray.corpus import write_corpus
+    from coincide_ray.toy.corpus import write_corpus
     from coincide_ray.embed.preprocess import FETCH_IN_FLIGHT, Preprocessor
     from coincide_ray.embed.stage import plan_blocks
-    from coincide_ray.embed.tiny import build_tiny_checkpoint
+    from coincide_ray.toy.tiny import build_tiny_checkpoint
 
     boto3.client("s3").create_bucket(Bucket="bench")
     local = tempfile.mkdtemp(prefix="bench-fetch-")

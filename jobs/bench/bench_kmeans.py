@@ -1,7 +1,7 @@
 """Spherical k-means on Ray against faiss's spherical k-means on one node.
 
-    python jobs/bench_kmeans.py            # 100k, 200k, 400k rows x 256, K = 1,000 (BENCHMARKS.md)
-    python jobs/bench_kmeans.py --quick    # small sizes: checks the script works
+    python jobs/bench/bench_kmeans.py            # 100k, 200k, 400k rows x 256, K = 1,000 (BENCHMARKS.md)
+    python jobs/bench/bench_kmeans.py --quick    # small sizes: checks the script works
 
 Both fit the same rows (a Gaussian mixture, unit-normalised) with the same K and number of
 iterations from a seeded draw of K rows; faiss is told to use every row (no subsampling).
