@@ -174,6 +174,28 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     return JobConfig.from_dict(values)
 
 
+def check_sources(config: JobConfig, command: str) -> None:
+    """Every path the run will read exists, checked before Ray starts: a typo is one line
+    now, not a failure after the embedding pass."""
+    from coincide_ray.embed.model import model_files
+
+    def must_exist(uri: str | None, flag: str) -> None:
+        if uri and not io.exists(uri):
+            raise ConfigError(f"{flag} {uri}: no such file or folder")
+
+    if command in ("run", "embed"):
+        must_exist(config.input, "--input")
+        must_exist(config.image_root, "--image-root")
+        if config.model:
+            model_files(config.model)  # one line: no folder, no safetensors, no config.json
+    elif command == "select":
+        must_exist(config.embeddings, "--embeddings")
+    must_exist(config.input if command == "select" else None, "--input")
+    must_exist(config.previous, "--previous")
+    if config.compare_with and not io.exists(io.join(config.compare_with, schema.MANIFEST_PATH)):
+        raise ConfigError(f"--compare-with {config.compare_with}: no finished run there (no {schema.MANIFEST_PATH})")
+
+
 def ray_address(flag: str | None) -> str:
     """--address, else RAY_ADDRESS (set by `ray job submit`), else "local": a new Ray of our
     own. ray.init() without an address would join whatever Ray was started last on this
@@ -197,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             run_convert(args)
             return 0
         config = config_from_args(args)
+        check_sources(config, args.command)
         if args.dry_run:
             from coincide_ray.plan import plan
 
@@ -210,7 +233,12 @@ def main(argv: list[str] | None = None) -> int:
             from coincide_ray.pipeline import EmbedStats
 
             result = run_embed(config, progress=stderr_progress)
-            embed = EmbedStats(result.embedded, round(result.seconds, 3), result.truncated, result.resources)
+            embed = EmbedStats(result.embedded, round(result.seconds, 3), result.truncated, result.resources,
+                               result.reused_here, result.reused_previous)
+            if args.command == "embed":
+                from coincide_ray.manifest import clear_in_progress
+
+                clear_in_progress(config.output)
         if args.command in ("run", "select"):
             from coincide_ray.pipeline import run_select
 

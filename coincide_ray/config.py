@@ -92,6 +92,7 @@ class ClusterConfig:
         _fail_unless(self.device in ("auto", "cpu"), f"cluster.device must be auto or cpu, got {self.device!r}")
         _fail_unless(self.clusters >= 1, f"cluster.clusters must be at least 1, got {self.clusters}")
         _fail_unless(self.iterations >= 0, f"cluster.iterations must be non-negative, got {self.iterations}")
+        _fail_unless(0 <= self.seed < 2**63, f"cluster.seed must lie in [0, 2^63), got {self.seed}")
 
 
 @dataclass(frozen=True)

@@ -158,6 +158,16 @@ def list_files(uri: str, suffixes: tuple[str, ...]) -> list[str]:
     return [p if isinstance(fs, LocalFileSystem) else f"{protocol}://{p}" for p in found]
 
 
+def list_folders(uri: str) -> list[str]:
+    """The names of the folders (prefixes) directly under `uri`, sorted; [] when none."""
+    fs, path = resolve(uri)
+    try:
+        entries = retried(uri, "listing", lambda: fs.ls(path, detail=True))
+    except FileNotFoundError:
+        return []
+    return sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.get("type") == "directory")
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
 

@@ -10,7 +10,7 @@ from importlib import metadata
 
 import numpy as np
 
-from coincide_ray import io
+from coincide_ray import io, schema
 from coincide_ray.arrays import unit_rows
 
 COLLAPSED_COSINE = 0.99
@@ -74,3 +74,18 @@ def health(centroids: np.ndarray, sizes: np.ndarray, rejected_reasons: list[str]
 
 def command_line() -> str:
     return " ".join(sys.argv)
+
+
+def mark_in_progress(output: str) -> None:
+    """Mark `output` as mid-update, before a run's first write into it (the nightly refresh
+    never builds on such a folder); clear_in_progress removes the mark after the manifest."""
+    import datetime
+
+    io.write_json({"command": command_line(), "started": datetime.datetime.now(datetime.timezone.utc).isoformat()},
+                  io.join(output, schema.IN_PROGRESS_PATH))
+
+
+def clear_in_progress(output: str) -> None:
+    marker = io.join(output, schema.IN_PROGRESS_PATH)
+    if io.exists(marker):
+        io.remove(marker)

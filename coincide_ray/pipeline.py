@@ -21,8 +21,9 @@ import pyarrow.compute as pc
 
 from coincide_ray import io, schema
 from coincide_ray.config import JobConfig
-from coincide_ray.manifest import cluster_warnings, command_line, fingerprint, health, library_versions
-from coincide_ray.report import label_figures
+from coincide_ray.manifest import (clear_in_progress, cluster_warnings, command_line, fingerprint, health,
+                                   library_versions, mark_in_progress)
+from coincide_ray.report import label_figures, label_warning
 from coincide_ray.report import render as render_report
 from coincide_ray.stages import Finished, finished, publish, sha256, stage_key
 
@@ -41,10 +42,12 @@ def stderr_progress(message: str) -> None:
 class EmbedStats:
     """What the embed stage of this run did, for the manifest."""
 
-    embedded: int  # vectors computed by this run; the other accepted ones were reused
+    embedded: int  # vectors computed by this run
     seconds: float
     truncated: int = 0  # records cut to the model's context by this run
     resources: dict | None = None  # the embedding pool that ran
+    reused_here: int = 0  # vectors this output already held (an earlier attempt of this run)
+    reused_previous: int = 0  # vectors copied from --previous
 
 
 def selected_records_json(input_uri: str, subsets: dict[str, set[str]]) -> dict[str, tuple[bytes, int]]:
@@ -396,6 +399,7 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
 
     timings: dict[str, float] = {"embed": embed.seconds} if embed else {}
     shards = LazyShards(config, files, made["dimension"] if made else None, progress)
+    mark_in_progress(out)
     try:
         start = time.perf_counter()
         clusters = cluster_stage(config, keys.cluster, shards, progress, init)
@@ -431,7 +435,10 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
         "input": {"embeddings": config.embeddings, "files": files, "fingerprint": embeddings_fingerprint,
                   "records": config.input, "records_fingerprint": input_fingerprint},
         "counts": {"records": accepted + len(rejected), "rejected": len(rejected), "selected": selected,
-                   "embedded": embedded, "reused": accepted - embedded if embed else 0,
+                   "embedded": embedded,
+                   "reused": embed.reused_here + embed.reused_previous if embed else 0,
+                   "reused_from_this_output": embed.reused_here if embed else 0,
+                   "reused_from_previous": embed.reused_previous if embed else 0,
                    "truncated": embed.truncated if embed else 0},
         "health": health(clusters.centroids, summary.column("size").to_numpy(), rejected, budget, selected),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
@@ -450,9 +457,17 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
                  for strategy, table in strategy_tables.items()}
         labels = label_figures(config.input, list(config.label_fields), selection, strategies=masks)
         manifest["labels"] = {k: v for k, v in labels.items() if k != "per_group"}
-        progress(f"labels {'/'.join(config.label_fields)}: cluster purity {labels['purity']:.3f}; the selection "
-                 f"covers {labels['groups_covered_by_selection']} of {labels['groups']} groups, a random subset "
-                 f"of the same size {labels['groups_covered_by_random']}")
+        warning = label_warning(labels)
+        if warning:
+            manifest["health"]["warnings"].append(warning)
+            progress(f"warning: {warning}")
+        if labels["labelled"]:
+            progress(f"labels {'/'.join(config.label_fields)} ({labels['labelled']} of {labels['records']} records): "
+                     f"cluster purity {labels['purity']:.3f}; the selection covers "
+                     f"{labels['groups_covered_by_selection']} of {labels['groups']} groups, a random subset "
+                     f"of the same size {labels['groups_covered_by_random']}")
+        else:
+            labels = None
     if config.compare_with:
         manifest["compared_with"] = comparison(config.compare_with, manifest)
     report_uri = io.join(out, schema.REPORT_PATH)
@@ -461,5 +476,6 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
     manifest["paths"]["report"] = report_uri
     manifest_uri = io.join(out, schema.MANIFEST_PATH)
     io.write_json(manifest, manifest_uri)  # last: marks the run complete
+    clear_in_progress(out)
     progress(f"outputs under {out} (report: {report_uri}; manifest: {manifest_uri})")
     return manifest

@@ -36,8 +36,34 @@ class Record:
 class Rejection:
     id: str
     stage: str
-    reason: str  # a short category
-    detail: str
+    reason: str  # one of REASONS
+    detail: str  # where (file#position), and any raw error text
+
+
+# Every reason a rejected row can carry: the documented categories (README, "Rejected
+# records"). Raw error text never becomes a reason; it goes in `detail`.
+REASONS = (
+    # reading records
+    "unparsable record", "record is not an object", "missing id", "duplicate id", "missing or empty conversations",
+    "malformed conversation turn", "text is not valid Unicode", "image path outside the image root",
+    # fetching and decoding images
+    "record names an image but no --image-root was given", "missing image file", "image not readable",
+    "empty image file", "not an image", "truncated or corrupt image", "image over the pixel limit",
+    "image metadata too large",
+    # preparing and embedding
+    "processor failed", "longer than the model's context", "model failed", "vector outside float16 range",
+    # reading embeddings (select)
+    "missing sample_id", "duplicate sample_id", "missing embedding", "wrong embedding dimension",
+    "embedding holds NaN or inf",
+)
+
+
+class RecordProblem(ValueError):
+    """A record that cannot be used: `reason` is one of REASONS, `detail` the raw text."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
 
 
 def read_raw_records(uri: str) -> Iterator[tuple[str, dict | Any]]:

@@ -193,15 +193,26 @@ def label_figures(records_uri: str, fields: list[str], selection: pa.Table, seed
     """How the clusters and the selection relate to labels the records carry (e.g. the demo's
     planted concept and skill): cluster purity, how many records of each label group the
     selection holds against a seeded random subset of the same size, and how many groups
-    each strategy's subset (a boolean mask over `selection`'s rows) covers."""
+    each strategy's subset (a boolean mask over `selection`'s rows) covers.
+
+    A record is labelled when it has every one of `fields` (not null). Every figure counts
+    only the labelled records of `selection`: `labelled` says how many of `records` that is,
+    and with none labelled there are no figures at all (a made-up label would read as one
+    perfectly pure group)."""
     from coincide_ray.records import Record, accepted_records
 
-    labels = {item.id: "/".join(str(raw.get(field, "-")) for field in fields)
-              for _, raw, item in accepted_records(records_uri) if isinstance(item, Record)}
-    ids = selection.column(schema.SAMPLE_ID).to_pylist()
-    label = np.array([labels.get(i, "-") for i in ids])
-    cluster = selection.column(schema.CLUSTER).to_numpy()
-    selected = np.asarray(selection.column(schema.SELECTED).to_pylist(), dtype=bool)
+    labels = {item.id: "/".join(str(raw[field]) for field in fields)
+              for _, raw, item in accepted_records(records_uri)
+              if isinstance(item, Record) and all(raw.get(field) is not None for field in fields)}
+    all_ids = selection.column(schema.SAMPLE_ID).to_pylist()
+    has = np.array([i in labels for i in all_ids], dtype=bool)
+    counts = {"fields": fields, "records": len(all_ids), "labelled": int(has.sum())}
+    if not has.any():
+        return counts
+    ids = [i for i, keep in zip(all_ids, has) if keep]
+    label = np.array([labels[i] for i in ids])
+    cluster = selection.column(schema.CLUSTER).to_numpy()[has]
+    selected = np.asarray(selection.column(schema.SELECTED).to_pylist(), dtype=bool)[has]
     groups, code = np.unique(label, return_inverse=True)
     table = np.zeros((int(cluster.max()) + 1 if len(cluster) else 0, len(groups)), dtype=np.int64)
     np.add.at(table, (cluster, code), 1)
@@ -210,15 +221,27 @@ def label_figures(records_uri: str, fields: list[str], selection: pa.Table, seed
     per_group = {str(g): {"records": int((code == i).sum()), "selected": int((selected & (code == i)).sum()),
                           "random": int((random & (code == i)).sum())} for i, g in enumerate(groups)}
     return {
-        "fields": fields,
+        **counts,
         "purity": float(table.max(axis=1).sum() / max(len(ids), 1)),
         "groups": len(groups),
         "groups_covered_by_selection": int(sum(v["selected"] > 0 for v in per_group.values())),
         "groups_covered_by_random": int(sum(v["random"] > 0 for v in per_group.values())),
         "per_group": per_group,
-        "groups_covered_by_strategy": {name: int(len(np.unique(code[np.asarray(mask, dtype=bool)])))
+        "groups_covered_by_strategy": {name: int(len(np.unique(code[np.asarray(mask, dtype=bool)[has]])))
                                        for name, mask in (strategies or {}).items()},
     }
+
+
+def label_warning(figures: dict) -> str | None:
+    """One line when some records of the selection lack the label fields (a mistyped
+    --label-field: all of them)."""
+    fields, labelled, records = "/".join(figures["fields"]), figures["labelled"], figures["records"]
+    if labelled == 0:
+        return f"--label-field {fields}: no record has it; no label figures are shown"
+    if labelled < records:
+        return (f"--label-field {fields}: only {labelled} of {records} records have it; "
+                "the label figures count only those")
+    return None
 
 
 def strategy_section(strategies: dict, labels: dict | None) -> str:
@@ -254,7 +277,9 @@ def label_section(figures: dict) -> str:
                 f"label groups ({'/'.join(figures['fields'])})", "share selected", highlight=share == 0)
     rows = "".join(f"<tr><td>{html.escape(g)}</td><td>{groups[g]['records']}</td><td>{groups[g]['selected']}</td>"
                    f"<td>{groups[g]['random']}</td></tr>" for g in names)
-    summary = {"label fields": "/".join(figures["fields"]), "cluster purity": f"{figures['purity']:.3f}",
+    summary = {"label fields": "/".join(figures["fields"]),
+               "records with the label": f"{figures['labelled']} of {figures['records']}",
+               "cluster purity": f"{figures['purity']:.3f}",
                "label groups": figures["groups"],
                "groups the selection covers": figures["groups_covered_by_selection"],
                "groups a random subset of the same size covers": figures["groups_covered_by_random"]}

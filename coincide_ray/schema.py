@@ -77,6 +77,9 @@ def strategy_paths(strategy: str) -> tuple[str, str]:
 
 
 MANIFEST_PATH = "manifest.json"
+# Written before a run's first write into its output, removed after its manifest: a folder
+# that holds it is mid-update (a run stopped there), whatever else it holds.
+IN_PROGRESS_PATH = "_IN_PROGRESS.json"
 REPORT_PATH = "report.html"
 
 

@@ -5,10 +5,12 @@
         --config job.yaml
 
 Each night writes a complete, self-contained run under <root>/runs/<date> (today in UTC unless
---date is given), reusing the vectors of every unchanged record from the run that
-<root>/latest.json points to and diffing the selection against it. latest.json is updated
-last, only when the run finished, so a failed night leaves yesterday's run as the latest and
-the same command resumes tonight's. Every other flag is passed to `coincide-ray run`.
+--date is given), reusing the vectors of every unchanged record from the newest usable run
+dated before it and diffing the selection against that run. A run that is gone, cut short or
+marked in progress is passed over in one line. latest.json is updated last, only when the
+run finished and only forward: a backfill of an older date is written but leaves latest.json
+at the newer night, and says so. A failed night leaves latest.json as it was, and the same
+command resumes tonight's run. Every other flag is passed to `coincide-ray run`.
 """
 
 from __future__ import annotations
@@ -17,20 +19,12 @@ import argparse
 import datetime
 import sys
 
-from coincide_ray import io
+from coincide_ray import io, nightly
 from coincide_ray.cli import main as coincide_ray
 
-LATEST = "latest.json"
 
-
-def previous_run(root: str, output: str) -> str | None:
-    """The run to reuse: the latest one, or the one before it when tonight's run is the
-    latest already (the same night run again)."""
-    pointer = io.join(root, LATEST)
-    if not io.exists(pointer):
-        return None
-    latest = io.read_json(pointer)
-    return latest.get("previous") if latest["run"] == output else latest["run"]
+def say(line: str) -> None:
+    print(f"[coincide-ray] {line}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,14 +32,18 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--root", required=True, metavar="URI", help="folder or s3:// prefix holding runs/ and latest.json")
     parser.add_argument("--date", default=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-                        help="name of tonight's run (default: today's UTC date)")
+                        help="name of tonight's run, YYYY-MM-DD (default: today's UTC date)")
     args, passed = parser.parse_known_args(argv)
-    output = io.join(args.root, "runs", args.date)
-    previous = previous_run(args.root, output)
+    try:
+        date = nightly.check_date(args.date)
+    except ValueError as error:
+        print(f"refresh: error: {error}", file=sys.stderr)
+        return 2
+    output = io.join(args.root, nightly.RUNS, date)
+    previous = nightly.choose_previous(args.root, date, say)
     code = coincide_ray(["run", *passed, "--output", output, *(["--previous", previous] if previous else [])])
     if code == 0:
-        io.write_json({"run": output, "previous": previous, "date": args.date}, io.join(args.root, LATEST))
-        print(f"[coincide-ray] {io.join(args.root, LATEST)} -> {output}", file=sys.stderr)
+        nightly.finish_night(args.root, date, output, previous, say)
     return code
 
 

@@ -5,6 +5,7 @@ the model actors only ever receive ready tensors."""
 from __future__ import annotations
 
 import io as _io
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from coincide_ray import io
 from coincide_ray.embed.msa import LANGUAGE_START
 from coincide_ray.embed.reuse import PreviousVectors, record_fingerprint
-from coincide_ray.records import Record, Rejection, chat_messages
+from coincide_ray.records import Record, RecordProblem, Rejection, chat_messages
 
 STAGE = "embed"
 
@@ -108,24 +109,35 @@ def template_prefix_tokens(processor) -> int:
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """An RGB image; ValueError with a short reason for anything unusable."""
+    """An RGB image; RecordProblem with one of the image reasons for anything unusable, the
+    decoder's own words in its detail."""
     if not data:
-        raise ValueError("empty image file")
+        raise RecordProblem("empty image file")
     try:
         image = Image.open(_io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ValueError("not an image") from None
-    except Image.DecompressionBombError:
-        raise ValueError("image over the pixel limit") from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise ValueError("image over the pixel limit")
-    try:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise RecordProblem("image over the pixel limit", f"{width} x {height}")
         image.load()
         image = ImageOps.exif_transpose(image)  # shown as the camera meant it, as viewers do
-    except (OSError, SyntaxError, Image.DecompressionBombError):
-        raise ValueError("truncated or corrupt image") from None
-    return eight_bit(image).convert("RGB")
+        return eight_bit(image).convert("RGB")
+    except RecordProblem:
+        raise
+    except UnidentifiedImageError as error:
+        raise RecordProblem("not an image", one_line(error)) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise RecordProblem("image over the pixel limit", one_line(error)) from None
+    except ValueError as error:  # Pillow's own limits on text and ICC chunks (PNG text bombs)
+        if "too large" in str(error).lower():
+            raise RecordProblem("image metadata too large", one_line(error)) from None
+        raise RecordProblem("truncated or corrupt image", one_line(error)) from None
+    except (OSError, SyntaxError, EOFError, struct.error, IndexError, TypeError, ZeroDivisionError) as error:
+        # what Pillow's plug-ins raise on cut-short or malformed files, from open() or load()
+        raise RecordProblem("truncated or corrupt image", one_line(error)) from None
+
+
+def one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
 
 
 def eight_bit(image: Image.Image) -> Image.Image:
@@ -148,17 +160,17 @@ def eight_bit(image: Image.Image) -> Image.Image:
 
 
 def fetch_image(image_root: str | None, record: Record) -> bytes:
-    """The bytes of the record's image; ValueError with a short reason when it cannot be had."""
+    """The bytes of the record's image; RecordProblem with the reason when it cannot be had."""
     if image_root is None:
-        raise ValueError("record names an image but no --image-root was given")
+        raise RecordProblem("record names an image but no --image-root was given")
     try:
         return io.read_under(image_root, record.image)
-    except io.OutsideRootError:
-        raise ValueError("image path outside the image root") from None
+    except io.OutsideRootError as error:
+        raise RecordProblem("image path outside the image root", str(error)) from None
     except FileNotFoundError:
-        raise ValueError("missing image file") from None
+        raise RecordProblem("missing image file") from None
     except (PermissionError, OSError) as error:
-        raise ValueError(f"image not readable ({type(error).__name__})") from None
+        raise RecordProblem("image not readable", one_line(error)) from None
 
 
 @dataclass
@@ -193,19 +205,29 @@ def fingerprint_block(items: list[Record | Rejection], image_root: str | None, s
         if isinstance(item, Rejection):
             done.rejected[position] = item
         elif isinstance(results[position], ValueError):
-            done.rejected[position] = Rejection(item.id, STAGE, str(results[position]), item.position)
+            done.rejected[position] = rejection(item, results[position])
         else:
             done.fingerprints[position] = record_fingerprint(salt, item, results[position])
             done.images[position] = results[position]
     return done
 
 
+def rejection(item: Record, error: BaseException) -> Rejection:
+    """The record's rejection: a RecordProblem's reason, else "processor failed" (the chat
+    template or the tokenizer refused it); raw text only in the detail."""
+    if isinstance(error, RecordProblem):
+        reason, raw = error.reason, error.detail
+    else:
+        reason, raw = "processor failed", one_line(error)
+    return Rejection(item.id, STAGE, reason, f"{item.position}: {raw}" if raw else item.position)
+
+
 def block_signature(ids: list[str], fingerprints: dict, rejected: dict) -> list[tuple]:
     """Per position: (id, fingerprint) for a fingerprinted record, whose outcome the
-    fingerprint decides (model, layers, content, image bytes and limits); (id, reason,
-    detail) for one rejected before it had a fingerprint."""
-    return [(ids[p], fingerprints[p]) if p in fingerprints else
-            (ids[p], rejected[p].reason, rejected[p].detail) for p in range(len(ids))]
+    fingerprint decides (model, layers, content, image bytes and limits); (id, reason) for
+    one rejected before it had a fingerprint. Never the detail: it names the input file as
+    the path was spelled, which must not decide whether a block is redone."""
+    return [(ids[p], fingerprints[p]) if p in fingerprints else (ids[p], rejected[p].reason) for p in range(len(ids))]
 
 
 class Preprocessor:
@@ -249,8 +271,7 @@ class Preprocessor:
                 image = decode_image(data, self.max_image_pixels) if data is not None else None
                 prompt = self.processor.apply_chat_template(chat_messages(item), tokenize=False)
             except Exception as error:  # one bad record never takes its block down
-                reason = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
-                prepared.rejected[position] = Rejection(item.id, STAGE, reason, item.position)
+                prepared.rejected[position] = rejection(item, error)
                 continue
             ready[image is not None].append((position, prompt, image))
         # Records with and without images are batched apart: some processors cannot mix them.

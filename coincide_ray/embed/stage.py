@@ -4,7 +4,8 @@ Each Ray Data row is one input block: `embed.block_records` consecutive records 
 canonical order, so block i always holds the same records whatever the cluster looks like.
 A pool of CPU workers prepares blocks (images fetched by key and decoded, chat template
 rendered, tokenised); a pool of model actors (one GPU each where there are GPUs) runs
-extract_msa_embeddings; a writer publishes embeddings/part-<block>.parquet atomically.
+extract_msa_embeddings and publishes embeddings/part-<block>.parquet atomically as soon as
+each block is done.
 A block whose file exists is reused only when the file reads back whole and names the same
 records with the same fingerprints (ids, content, image bytes, model, layers): a light CPU
 pass checks that before any model actor starts, so a rerun redoes exactly what changed.
@@ -31,7 +32,7 @@ from coincide_ray.embed.msa import default_layers, extract_msa_embeddings
 from coincide_ray.embed.preprocess import STAGE, PreparedBlock, Preprocessor, block_signature, fingerprint_block
 from coincide_ray.embed.reuse import PreviousVectors, fetch_vectors, run_salt
 from coincide_ray.holds import hold, hold_point, release_file
-from coincide_ray.manifest import library_versions
+from coincide_ray.manifest import library_versions, mark_in_progress
 from coincide_ray.records import Record, Rejection, accepted_records
 
 
@@ -66,14 +67,30 @@ class PrepareWorker:
         return {"block": row["block"], "prepared": self.preprocessor.prepare(row["block"], row["items"])}
 
 
+@dataclass(frozen=True)
+class Publish:
+    """Where a model actor publishes its blocks. `hold_model` and `hold_block` (tests only,
+    coincide_ray.holds): blocks numbered from there on wait before the model runs, or wait
+    instead of being published, for ever or until the `release` file exists."""
+
+    output: str
+    vector_dtype: str = "float32"
+    hold_model: int | None = None
+    hold_block: int | None = None
+    release: str | None = None
+
+
 class ModelWorker:
-    """Ray Data UDF (GPU actor, or CPU where there is none): batches -> pooled vectors."""
+    """Ray Data UDF (GPU actor, or CPU where there is none): a prepared block -> pooled
+    vectors -> its part file. The actor publishes the file itself, so a block is on storage
+    as soon as its vectors are, whatever CPUs the other pools hold, and the vectors never
+    travel through the object store."""
 
     def __init__(self, model_uri: str, embed: EmbedConfig, layers: tuple[int, ...], threads: int,
-                 hold_from: int | None = None, release: str | None = None):
+                 publish: Publish | None = None):
         import torch
 
-        self.hold_from, self.release = hold_from, release  # tests only (coincide_ray.holds)
+        self.publish = publish
         if threads:
             torch.set_num_threads(threads)
         self.loaded = model_io.load_model(model_uri, embed)
@@ -82,10 +99,7 @@ class ModelWorker:
     def embed(self, inputs: dict) -> np.ndarray:
         return extract_msa_embeddings(self.loaded.model, inputs, self.layers)
 
-    def __call__(self, row: dict) -> dict:
-        prepared: PreparedBlock = row["prepared"]
-        if self.hold_from is not None and prepared.block >= self.hold_from:
-            hold(f"model actor holds block {prepared.block}", self.release)
+    def embed_block(self, prepared: PreparedBlock) -> "EmbeddedBlock":
         n = len(prepared.ids)
         result = EmbeddedBlock(prepared.block, prepared.ids, [None] * n, np.zeros(n, np.int32),
                                np.zeros(n, np.int32), prepared.rejected, prepared.fingerprints, prepared.reused,
@@ -112,9 +126,14 @@ class ModelWorker:
                 attended = batch.inputs["attention_mask"][k].astype(bool)
                 result.image_tokens[position] = int(((ids == token) & attended).sum())
                 result.text_tokens[position] = int(attended.sum()) - result.image_tokens[position]
-        # A dataclass travels between Ray Data operators as an opaque object; plain dicts of
-        # arrays would be converted to Arrow lists on the way.
-        return {"block": prepared.block, "result": result}
+        return result
+
+    def __call__(self, row: dict) -> dict:
+        prepared: PreparedBlock = row["prepared"]
+        publish = self.publish
+        if publish.hold_model is not None and prepared.block >= publish.hold_model:
+            hold(f"model actor holds block {prepared.block}", publish.release)
+        return write_block(self.embed_block(prepared), publish)
 
 
 @dataclass
@@ -191,20 +210,17 @@ def progress_bar(done: int, total: int, width: int = 24) -> str:
     return "[" + "#" * filled + "-" * (width - filled) + f"] {done}/{total}"
 
 
-def write_block(row: dict, output: str, vector_dtype: str = "float32", hold_from: int | None = None,
-                release: str | None = None) -> dict:
-    """Publish one block's file; returns the counts the driver shows and totals.
-    `hold_from` (tests only, coincide_ray.holds): blocks from that number on are not
-    published, ever or until the `release` file exists."""
-    result: EmbeddedBlock = row["result"]
-    if hold_from is not None and result.block >= hold_from:
-        hold(f"block {result.block} not published", release)
+def write_block(result: "EmbeddedBlock", publish: Publish) -> dict:
+    """Publish one block's file; returns the counts the driver shows and totals."""
+    if publish.hold_block is not None and result.block >= publish.hold_block:
+        hold(f"block {result.block} not published", publish.release)
     for position, (vector, image, text) in fetch_vectors(result.reused).items():
         result.vectors[position] = vector
         result.image_tokens[position], result.text_tokens[position] = image, text
-    if vector_dtype == "float16":
+    if publish.vector_dtype == "float16":
         result.reject_outside_float16()
-    io.write_parquet(result.table(vector_dtype), io.join(output, schema.EMBEDDINGS_DIR, part_name(result.block)))
+    io.write_parquet(result.table(publish.vector_dtype),
+                     io.join(publish.output, schema.EMBEDDINGS_DIR, part_name(result.block)))
     reasons = Counter(r.reason for r in result.rejected.values())
     count("read", len(result.ids))
     count("reused", len(result.reused))
@@ -221,7 +237,8 @@ class EmbedResult:
     reused_blocks: int
     records: int
     embedded: int  # records embedded by the model in this run
-    reused: int  # records whose vector was copied from config.previous
+    reused_here: int  # records of blocks this output already held, unchanged (an earlier attempt's)
+    reused_previous: int  # records whose vector was copied from config.previous
     truncated: int  # records cut to the model's context
     seconds: float
     resources: dict | None = None  # the pool that ran (None when every block was reused)
@@ -245,7 +262,8 @@ def resolve_layers(config: JobConfig) -> tuple[JobConfig, int]:
 def provenance(config: JobConfig, hidden: int) -> dict:
     return {
         "model": config.model, "model_fingerprint": model_io.fingerprint(config.model),
-        "layers": list(config.layers), "hidden": hidden, "dimension": 2 * len(config.layers) * hidden,
+        "layers": list(config.layers), "max_image_pixels": config.embed.max_image_pixels,
+        "hidden": hidden, "dimension": 2 * len(config.layers) * hidden,
         "dtype": config.embed.vector_dtype, "block_records": config.embed.block_records, "versions": library_versions(),
     }
 
@@ -445,14 +463,14 @@ def part_signature(uri: str, dimension: int) -> tuple[list[tuple], int] | None:
     if not set(schema.EMBEDDINGS.names) <= set(table.schema.names):
         return None
     columns = {name: table.column(name).to_pylist() for name in (schema.SAMPLE_ID, schema.FINGERPRINT,
-                                                                 schema.REASON, schema.DETAIL)}
+                                                                 schema.REASON)}
     lengths = pc.list_value_length(table.column(schema.EMBEDDING)).to_numpy(zero_copy_only=False)
     if any(length == length and length != dimension for length in lengths):  # NaN: a null vector
         return None
     if MODEL_FAILED in columns[schema.REASON]:
         return None  # try the model again: its failure may not have been the record's
-    signature = [(sample_id, fingerprint) if fingerprint else (sample_id, reason, detail)
-                 for sample_id, fingerprint, reason, detail in zip(*columns.values())]
+    signature = [(sample_id, fingerprint) if fingerprint else (sample_id, reason)
+                 for sample_id, fingerprint, reason in zip(*columns.values())]
     return signature, sum(reason is not None for reason in columns[schema.REASON])
 
 
@@ -477,6 +495,7 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
     out = config.output
     config, hidden = resolve_layers(config)
     model_io.load_processor(config.model, config.embed)  # a broken checkpoint fails here, before any write
+    mark_in_progress(out)
     made = check_provenance(config, hidden, out)
     dimension = 2 * len(config.layers) * hidden
     salt = run_salt(made["model_fingerprint"], config.layers, config.embed.max_image_pixels)
@@ -496,15 +515,12 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
     pending = [i for i in range(len(blocks)) if i not in unchanged]
     progress(f"embed: {records} records in {len(blocks)} blocks; {len(unchanged)} finished and unchanged, "
              f"{len(pending)} to embed")
-    embedded = reused = truncated = 0
+    embedded = reused_previous = truncated = 0
+    reused_here = sum(check["records"] - check["rejected"] for check in unchanged.values())
     plan = None
-    for check in unchanged.values():
-        reused += check["records"] - check["rejected"]
     if pending:
-        previous = None
-        if config.previous:
-            previous = PreviousVectors.of_run(config.previous, config.embed.vector_dtype)
-            progress(f"embed: {len(previous)} vectors of {config.previous} can be reused by fingerprint")
+        previous = reusable_previous(config, made, progress)
+        if previous is not None:
             previous = ray.put(previous)  # sent once to every CPU worker
         pool = plan_pool(config.embed, len(pending))
         progress(f"embed: model on {pool.device.upper()}: {pool_text(pool)}")
@@ -518,17 +534,15 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
         ds = ds.map(PrepareWorker, fn_constructor_args=(config.model, config.embed, config.image_root, salt, previous),
                     compute=ray.data.ActorPoolStrategy(min_size=pool.preparers[0], max_size=pool.preparers[1]),
                     num_cpus=1)
-        ds = ds.map(ModelWorker, fn_constructor_args=(config.model, config.embed, config.layers, pool.threads,
-                                                      hold_point("embed-model"), release_file()),
+        publish = Publish(out, config.embed.vector_dtype, hold_point("embed-model"), hold_point("embed-block"),
+                          release_file())
+        ds = ds.map(ModelWorker, fn_constructor_args=(config.model, config.embed, config.layers, pool.threads, publish),
                     compute=ray.data.ActorPoolStrategy(min_size=pool.actors[0], max_size=pool.actors[1]),
                     num_gpus=pool.gpus, num_cpus=0 if pool.gpus else 1)
-        ds = ds.map(write_block, fn_kwargs={"output": out, "vector_dtype": config.embed.vector_dtype,
-                                            "hold_from": hold_point("embed-block"), "release": release_file()},
-                    num_cpus=0.25)
         began = time.perf_counter()
         for finished, summary in enumerate(ds.iter_rows(), start=1):
             embedded += summary["records"] - summary["rejected"] - summary["reused"]
-            reused += summary["reused"]
+            reused_previous += summary["reused"]
             truncated += summary["truncated"]
             elapsed = time.perf_counter() - began
             left = (len(pending) - finished) * elapsed / finished  # blocks are the same size
@@ -542,5 +556,24 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
             io.remove(uri)
             progress(f"embed: removed {name}, a block the input no longer has")
     io.write_json({"parts": listing, "records": records}, io.join(out, schema.EMBEDDINGS_DONE_PATH))
-    return EmbedResult(len(blocks), len(unchanged), records, embedded, reused, truncated,
+    return EmbedResult(len(blocks), len(unchanged), records, embedded, reused_here, reused_previous, truncated,
                        time.perf_counter() - start, plan)
+
+
+def reusable_previous(config: JobConfig, made: dict, progress) -> PreviousVectors | None:
+    """config.previous's vectors, when their fingerprints can match this run's: a run made
+    with another model, other layers or another image pixel limit has a different salt in
+    every fingerprint, so none of its vectors can be reused, and the line says so."""
+    if not config.previous:
+        return None
+    theirs_uri = io.join(config.previous, schema.PROVENANCE_PATH)
+    theirs = io.read_json(theirs_uri) if io.exists(theirs_uri) else {}
+    differs = [key for key in ("model_fingerprint", "layers", "max_image_pixels")
+               if key in theirs and key in made and theirs[key] != made[key]]
+    if differs:
+        progress(f"embed: none of the vectors of {config.previous} can be reused: it was made with other "
+                 f"{', '.join(differs)}")
+        return None
+    previous = PreviousVectors.of_run(config.previous, config.embed.vector_dtype)
+    progress(f"embed: {len(previous)} vectors of {config.previous} can be reused by fingerprint")
+    return previous

@@ -59,11 +59,22 @@ def ray_session(s3_endpoint):
     """One local Ray for every integration test. It starts before any test can start one
     (the CLI joins a running Ray) and after the S3 endpoint, so that its workers inherit
     AWS_ENDPOINT_URL and the test credentials."""
+    import shutil
+    import tempfile
+
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": a Ray of this session's own, in its own temp dir, even when another
+    # Ray runs on the machine or RAY_ADDRESS names one (plain ray.init() would join it).
+    saved_address = os.environ.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="ray-tests-")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _temp_dir=temp_dir)
     yield
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    if saved_address is not None:
+        os.environ["RAY_ADDRESS"] = saved_address
 
 
 @pytest.fixture(scope="session")

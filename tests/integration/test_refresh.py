@@ -3,6 +3,8 @@ recomputes new and changed ones, drops removed ones and reports the selection di
 
 import importlib.util
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +93,88 @@ def test_refresh_reuses_unchanged_records(storage, tmp_path, tiny_model):
     again = io.read_json(io.join(run2, schema.MANIFEST_PATH))
     assert again["counts"]["embedded"] == 0 and again["diff"]["previous"] == run1
     assert manifest["diff"]["added"] == len(diff["added"]) and manifest["diff"]["compared"]
+
+
+def test_a_backfill_never_moves_latest_back_and_a_broken_previous_run_is_passed_over(tmp_path, tiny_model,
+                                                                                      capsys):
+    base = str(tmp_path)
+    write_corpus(io.join(base, "c", "records.json"), io.join(base, "c"), 6, seed=2, broken=False)
+    root = io.join(base, "nightly")
+    latest = io.join(root, "latest.json")
+    run = {d: io.join(root, "runs", d) for d in ("2026-11-30", "2026-12-02", "2026-12-03", "2026-12-04")}
+    assert nightly(base, tmp_path, tiny_model, "c", "2026-12-02") == 0
+    capsys.readouterr()
+
+    # a backfill of an older night is written, builds on no newer night, and leaves latest.json
+    assert nightly(base, tmp_path, tiny_model, "c", "2026-11-30") == 0
+    err = capsys.readouterr().err
+    assert io.exists(io.join(run["2026-11-30"], schema.MANIFEST_PATH))
+    assert io.read_json(latest)["run"] == run["2026-12-02"]
+    assert "backfill" in err and "stays at" in err
+    assert "diff" not in io.read_json(io.join(run["2026-11-30"], schema.MANIFEST_PATH))  # nothing older to diff
+
+    # the newest run loses its embeddings: the next night says so in one line, falls back, completes
+    for name in os.listdir(os.path.join(run["2026-12-02"], "embeddings")):
+        if name.endswith(".parquet"):
+            os.remove(os.path.join(run["2026-12-02"], "embeddings", name))
+    assert nightly(base, tmp_path, tiny_model, "c", "2026-12-03") == 0
+    err = capsys.readouterr().err
+    passed_over = [line for line in err.splitlines() if "cannot be used" in line]
+    assert len(passed_over) == 1 and run["2026-12-02"] in passed_over[0] and "part files are gone" in passed_over[0]
+    assert f"previous run: {run['2026-11-30']}" in err
+    assert io.read_json(io.join(run["2026-12-03"], schema.MANIFEST_PATH))["diff"]["previous"] == run["2026-11-30"]
+    assert io.read_json(latest)["run"] == run["2026-12-03"]
+
+    # a run marked in progress (stopped mid-update) is passed over too; with nothing usable, none
+    io.write_json({"started": "now"}, io.join(run["2026-12-03"], schema.IN_PROGRESS_PATH))
+    shutil.rmtree(run["2026-11-30"])
+    assert nightly(base, tmp_path, tiny_model, "c", "2026-12-04") == 0
+    err = capsys.readouterr().err
+    assert "marked in progress" in err and "no usable earlier run" in err
+    assert "diff" not in io.read_json(io.join(run["2026-12-04"], schema.MANIFEST_PATH))
+    assert not io.exists(io.join(run["2026-12-04"], schema.IN_PROGRESS_PATH))  # cleared once finished
+
+
+def test_usable_runs_are_judged_by_their_files_on_s3(s3_endpoint):
+    import uuid
+
+    from coincide_ray import nightly as night
+
+    root = f"s3://coincide-test/{uuid.uuid4().hex}"
+    done = io.join(root, "runs", "2026-12-01")
+    for path in (schema.MANIFEST_PATH, schema.SELECTION_PATH, "embeddings/part-000000.parquet"):
+        io.write_bytes(io.join(done, path), b"x")
+    io.write_json({"parts": ["part-000000.parquet"]}, io.join(done, schema.EMBEDDINGS_DONE_PATH))
+    io.write_bytes(io.join(root, "runs", "2026-12-02", "embeddings", "part-000000.parquet"), b"x")  # never finished
+    io.write_bytes(io.join(root, "runs", "notes", "x.txt"), b"x")  # not a night
+    assert night.dated_runs(root) == ["2026-12-01", "2026-12-02"]
+    assert night.why_unusable(done) is None
+    assert "never finished" in night.why_unusable(io.join(root, "runs", "2026-12-02"))
+    said = []
+    assert night.choose_previous(root, "2026-12-03", said.append) == done
+    assert len(said) == 2 and "cannot be used" in said[0]
+    with pytest.raises(ValueError, match="YYYY-MM-DD"):
+        night.check_date("12/03/2026")
+
+
+def test_reuse_is_counted_by_where_it_came_from(tmp_path, tiny_model, capsys):
+    # after a model change nothing of --previous can match; a rerun of the same night (as after
+    # a kill in k-means) reuses its own earlier attempt's vectors, and the counts say which
+    from coincide_ray.toy.tiny import build_tiny_checkpoint
+
+    base = str(tmp_path)
+    records = write_corpus(io.join(base, "c", "records.json"), io.join(base, "c"), 6, seed=3, broken=False)
+    first, second = io.join(base, "first"), io.join(base, "second")
+    assert main(["run", "--model", tiny_model, "--output", first, *flags(base, tmp_path, "c", "a")]) == 0
+    other = str(build_tiny_checkpoint(tmp_path / "other-model", "llava", layers=6, seed=11))
+    night = ["run", "--model", other, "--output", second, "--previous", first, *flags(base, tmp_path, "c", "b")]
+    capsys.readouterr()
+    assert main(night) == 0
+    err = capsys.readouterr().err
+    assert "none of the vectors of" in err and "model_fingerprint" in err and "can be reused by fingerprint" not in err
+    counts = io.read_json(io.join(second, schema.MANIFEST_PATH))["counts"]
+    assert counts["embedded"] == len(records) and counts["reused_from_previous"] == 0
+    assert main(night) == 0
+    counts = io.read_json(io.join(second, schema.MANIFEST_PATH))["counts"]
+    assert counts["embedded"] == 0 and counts["reused_from_previous"] == 0
+    assert counts["reused_from_this_output"] == counts["reused"] == len(records)

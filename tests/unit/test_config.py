@@ -52,3 +52,38 @@ def test_layers_and_yaml_errors():
         load_yaml("a: [1, 2")
     with pytest.raises(ConfigError, match="mapping"):
         load_yaml("- 1\n- 2\n")
+
+
+def run_cli(argv, capsys):
+    from coincide_ray.cli import main
+
+    code = main(argv)
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_checkable_flags_are_refused_in_one_line_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    from coincide_ray.toy.corpus import write_corpus
+
+    write_corpus(str(tmp_path / "c" / "records.json"), str(tmp_path / "c"), 2, seed=1, broken=False)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
+    base = ["run", "--input", str(tmp_path / "c" / "records.json"), "--image-root", str(tmp_path / "c"),
+            "--model", str(model), "--output", str(tmp_path / "out"), "--layers", "1"]
+    cases = [
+        (["--seed", "-1"], "cluster.seed must lie in"),
+        (["--compare-with", str(tmp_path / "nonexistent")], "--compare-with"),
+        (["--previous", str(tmp_path / "no-previous")], "--previous"),
+    ]
+    for extra, message in cases:
+        code, err = run_cli(base + extra, capsys)
+        assert code == 2 and len(err) == 1 and message in err[0] and "Traceback" not in err[0], (extra, err)
+    code, err = run_cli(["run", "--input", str(tmp_path / "typo.json"), *base[3:]], capsys)
+    assert code == 2 and len(err) == 1 and "--input" in err[0] and "typo.json" in err[0]
+    code, err = run_cli(["select", "--embeddings", str(tmp_path / "none"), "--output", str(tmp_path / "o2")], capsys)
+    assert code == 2 and len(err) == 1 and "--embeddings" in err[0]
+    assert not ray.is_initialized()  # refused before Ray starts
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o2").exists()

@@ -122,7 +122,7 @@ def test_a_row_the_model_fails_on_is_rejected_and_its_batch_kept(tmp_path, tiny_
     [batch] = prepared.batches
     good = {k: v.copy() for k, v in batch.inputs.items()}
     batch.inputs["input_ids"][2, -1] = 10**6  # a token id past the vocabulary: the model fails on row 2
-    result = worker({"prepared": prepared})["result"]
+    result = worker.embed_block(prepared)
     victim = batch.positions[2]  # the batch is in length order: its row 2 is this record
     assert result.rejected[victim].reason == "model failed" and "IndexError" in result.rejected[victim].detail
     direct = extract_msa_embeddings(worker.loaded.model, good, [0, 1])

@@ -1,4 +1,6 @@
 import io as _io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from coincide_ray.embed.preprocess import (
     template_prefix_tokens,
 )
 from coincide_ray.toy.tiny import build_tiny_checkpoint
-from coincide_ray.records import Record, Rejection
+from coincide_ray.records import REASONS, Record, Rejection
 
 
 def png(size=(20, 10), noise=False):
@@ -29,15 +31,59 @@ def truncated_png():
     return data[: len(data) // 2]
 
 
-@pytest.mark.parametrize("data, reason", [
+def chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_with_chunk(kind: bytes, body: bytes) -> bytes:
+    """A valid 4 x 4 PNG with one more chunk after its header."""
+    data = png((4, 4))
+    return data[:33] + chunk(kind, body) + data[33:]
+
+
+def text_bomb():
+    return png_with_chunk(b"zTXt", b"Comment\0\0" + zlib.compress(b"A" * (64 * 2**20), 9))
+
+
+def icc_bomb():
+    return png_with_chunk(b"iCCP", b"icc\0\0" + zlib.compress(b"\0" * (64 * 2**20), 9))
+
+
+def truncated_jpeg(cut: int) -> bytes:
+    buffer = _io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+    return buffer.getvalue()[:cut]
+
+
+UNUSABLE = [
     (b"", "empty image file"),
     (b"GIF89a-not-really", "not an image"),
     (truncated_png(), "truncated or corrupt image"),
     (bomb_png(), "image over the pixel limit"),
-])
+    (truncated_jpeg(200), "truncated or corrupt image"),  # cut in its header: Image.open itself fails
+    (truncated_jpeg(1500), "truncated or corrupt image"),
+    (text_bomb(), "image metadata too large"),
+    (icc_bomb(), "image metadata too large"),
+]
+
+
+@pytest.mark.parametrize("data, reason", UNUSABLE)
 def test_unusable_images_say_why(data, reason):
     with pytest.raises(ValueError, match=reason):
         decode_image(data, max_pixels=10_000_000)
+
+
+def test_every_rejection_reason_is_a_documented_category_with_the_raw_text_in_detail(processor, tmp_path):
+    turns = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A thing."}]
+    items = []
+    for i, (data, _) in enumerate(UNUSABLE):
+        (tmp_path / f"{i}.img").write_bytes(data)
+        items.append(Record(f"r{i}", f"{i}.img", turns, f"p#{i}"))
+    block = Preprocessor(processor, image_root=str(tmp_path), batch_size=4, max_image_pixels=10**7).prepare(0, items)
+    assert {p: r.reason for p, r in block.rejected.items()} == {i: reason for i, (_, reason) in enumerate(UNUSABLE)}
+    assert all(r.reason in REASONS for r in block.rejected.values())
+    assert "Truncated File Read" in block.rejected[4].detail and block.rejected[4].detail.startswith("p#4: ")
+    assert "MAX_TEXT_CHUNK" in block.rejected[6].detail
 
 
 def test_pixel_limit_and_good_images():

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 
 from coincide_ray import schema
-from coincide_ray.report import bars, label_figures, scatter, table
+from coincide_ray.report import bars, label_figures, label_warning, scatter, table
 
 
 def test_label_figures_match_a_direct_count(tmp_path):
@@ -29,6 +29,47 @@ def test_label_figures_match_a_direct_count(tmp_path):
         assert got["per_group"][g]["selected"] == sum(1 for i in range(n) if selected[i] and label[i] == g)
     assert sum(v["random"] for v in got["per_group"].values()) == selected.sum()  # a subset of the same size
     assert got["groups_covered_by_selection"] == len({label[i] for i in range(n) if selected[i]})
+
+
+def labelled_corpus(tmp_path, n, has_label):
+    rng = np.random.default_rng(1)
+    turns = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+    records = [{"id": f"r{i}", "conversations": turns, **({"concept": ["a", "b", "c"][i % 3]} if has_label(i) else {})}
+               for i in range(n)]
+    (tmp_path / "records.json").write_text(json.dumps(records))
+    cluster = rng.integers(0, 4, n)
+    selected = rng.random(n) < 0.3
+    selection = pa.table({schema.SAMPLE_ID: [r["id"] for r in records], schema.CLUSTER: cluster,
+                          schema.RANK: np.zeros(n, np.int64), schema.SELECTED: selected})
+    return records, cluster, selected, selection
+
+
+def test_a_field_no_record_has_gives_no_figures_and_one_warning(tmp_path):
+    # a mistyped --label-field: no made-up label, so no "perfect purity" over one group of "-"
+    _, _, _, selection = labelled_corpus(tmp_path, 60, lambda i: True)
+    got = label_figures(str(tmp_path / "records.json"), ["nosuchfield"], selection)
+    assert got["labelled"] == 0 and got["records"] == 60
+    assert "purity" not in got and "groups" not in got
+    warning = label_warning(got)
+    assert "nosuchfield" in warning and "no record has it" in warning and "\n" not in warning
+
+
+def test_figures_count_only_the_records_that_have_the_label(tmp_path):
+    n = 90
+    records, cluster, selected, selection = labelled_corpus(tmp_path, n, lambda i: i % 3 != 0)
+    got = label_figures(str(tmp_path / "records.json"), ["concept"], selection)
+    kept = [i for i in range(n) if "concept" in records[i]]
+    assert got["labelled"] == len(kept) == 60 and got["records"] == n
+    label = {i: records[i]["concept"] for i in kept}
+    purity = sum(max(sum(1 for i in kept if cluster[i] == c and label[i] == g) for g in set(label.values()))
+                 for c in {int(cluster[i]) for i in kept}) / len(kept)
+    assert abs(got["purity"] - purity) < 1e-12
+    assert got["groups"] == len(set(label.values())) == 2  # "a" (i % 3 == 0) is never labelled
+    assert sum(v["records"] for v in got["per_group"].values()) == len(kept)
+    assert sum(v["random"] for v in got["per_group"].values()) == sum(selected[i] for i in kept)
+    assert "only 60 of 90 records" in label_warning(got)
+    _, _, _, everyone = labelled_corpus(tmp_path, 30, lambda i: True)
+    assert label_warning(label_figures(str(tmp_path / "records.json"), ["concept"], everyone)) is None
 
 
 def test_plots_are_svg_with_marks_and_say_when_empty():
