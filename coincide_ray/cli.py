@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from coincide_ray import io, schema
 from coincide_ray.config import ConfigError, JobConfig, load_yaml, merge
@@ -36,18 +38,21 @@ SELECT_EXAMPLES = """examples:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the user must fix something: reported as one line, exit 2."""
+    from coincide_ray.cluster.stage import ShardsLost
     from coincide_ray.embed.convert import ConvertError
     from coincide_ray.embed.model import ModelError
     from coincide_ray.embed.stage import ResourcesUnavailable
     from coincide_ray.embeddings import MixedDimensionsError
     from coincide_ray.io import InputFormatError, StorageError
+    from coincide_ray.manifest import OutputBusy
     from coincide_ray.pipeline import InputError
     from coincide_ray.schema import SchemaError
     from coincide_ray.select.strategies import RankingTooShort
 
     errors: list[type[BaseException]] = [ConfigError, ConvertError, InputError, InputFormatError, ModelError,
                                          SchemaError, StorageError, MixedDimensionsError, ResourcesUnavailable,
-                                         RankingTooShort, FileNotFoundError, PermissionError]
+                                         RankingTooShort, ShardsLost, OutputBusy, FileNotFoundError,
+                                         PermissionError]
     try:
         from botocore.exceptions import EndpointConnectionError, NoCredentialsError
 
@@ -134,13 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--output", required=True, metavar="DIR", help="a new folder or s3:// prefix")
     convert.add_argument("--vision-config", metavar="URI",
                          help="the tower's config.json or its folder (default: SigLIP-so400m at 384 px)")
+    convert.add_argument("--vision-tower", metavar="URI",
+                         help="the published SigLIP tower folder the source's mm_vision_tower names: its weights "
+                              "are used, as the authors' loader does, and compared with the copy inside the "
+                              "source (default: that copy)")
     return parser
 
 
 def run_convert(args: argparse.Namespace) -> None:
     from coincide_ray.embed.convert import convert_tinyllava
 
-    done = convert_tinyllava(args.source, args.output, args.vision_config, progress=stderr_progress)
+    done = convert_tinyllava(args.source, args.output, args.vision_config, progress=stderr_progress,
+                             vision_tower=args.vision_tower)
     print(f"{done.output}: {done.tensors} tensors ({done.bytes / 2**30:.2f} GiB) carried over bit for bit; "
           f"{done.image_tokens} image tokens per image")
 
@@ -177,23 +187,22 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
 def check_sources(config: JobConfig, command: str) -> None:
     """Every path the run will read exists, checked before Ray starts: a typo is one line
     now, not a failure after the embedding pass."""
-    from coincide_ray.embed.model import model_files
+    from coincide_ray.embed.model import check_weights
 
     def must_exist(uri: str | None, flag: str) -> None:
         if uri and not io.exists(uri):
             raise ConfigError(f"{flag} {uri}: no such file or folder")
 
+    must_exist(config.input, "--input")
     if command in ("run", "embed"):
-        must_exist(config.input, "--input")
         must_exist(config.image_root, "--image-root")
-        if config.model:
-            model_files(config.model)  # one line: no folder, no safetensors, no config.json
-    elif command == "select":
+    else:
         must_exist(config.embeddings, "--embeddings")
-    must_exist(config.input if command == "select" else None, "--input")
     must_exist(config.previous, "--previous")
     if config.compare_with and not io.exists(io.join(config.compare_with, schema.MANIFEST_PATH)):
         raise ConfigError(f"--compare-with {config.compare_with}: no finished run there (no {schema.MANIFEST_PATH})")
+    if command in ("run", "embed") and config.model:
+        check_weights(config.model, config.embed.trust_remote_code)  # headers and shapes, one line
 
 
 def ray_address(flag: str | None) -> str:
@@ -203,13 +212,39 @@ def ray_address(flag: str | None) -> str:
     return flag or os.environ.get("RAY_ADDRESS") or "local"
 
 
-def start_ray(address: str | None = None) -> None:
+def start_ray(address: str | None = None) -> bool:
+    """Start or join Ray unless this process already has; whether it did."""
     import logging
 
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=ray_address(address), logging_level=logging.WARNING)
+    if ray.is_initialized():
+        return False
+    ray.init(address=ray_address(address), logging_level=logging.WARNING)
+    return True
+
+
+class Stopped(BaseException):
+    """SIGINT or SIGTERM arrived (Ctrl-C, a scheduler, `ray job stop`). A BaseException, as
+    KeyboardInterrupt is: no `except Exception` on the way (Ray Data's among them) logs it
+    as a failure or swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def raise_stopped(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
+def on_stop_signals():
+    """Route SIGINT and SIGTERM to Stopped in the main thread; installed after Ray starts,
+    whose core worker otherwise answers SIGTERM with a C++ stack dump. Returns the handlers
+    to put back, or {} off the main thread (signals cannot be caught there)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, raise_stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,28 +261,49 @@ def main(argv: list[str] | None = None) -> int:
             for line in plan(config, args.command, calibrate=args.calibrate):
                 print(line)
             return 0
-        embed = None
-        start_ray(args.address)
-        if args.command in ("run", "embed"):
-            from coincide_ray.embed.stage import run_embed
-            from coincide_ray.pipeline import EmbedStats
+        started = start_ray(args.address)
+        handlers = on_stop_signals()
+        try:
+            run_stages(args, config)
+        except Stopped as stop:
+            print(f"coincide-ray: stopped by {stop}; every finished block and stage is kept, and the same "
+                  "command resumes", file=sys.stderr, flush=True)
+            if started:
+                import ray
 
-            result = run_embed(config, progress=stderr_progress)
-            embed = EmbedStats(result.embedded, round(result.seconds, 3), result.truncated, result.resources,
-                               result.reused_here, result.reused_previous)
-            if args.command == "embed":
-                from coincide_ray.manifest import clear_in_progress
+                ray.shutdown()
+            return 128 + stop.signum
+        finally:
+            from coincide_ray.manifest import stop_heartbeats
 
-                clear_in_progress(config.output)
-        if args.command in ("run", "select"):
-            from coincide_ray.pipeline import run_select
-
-            run_select(config, embed=embed)
+            stop_heartbeats()
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
     except user_errors() as error:
         cause = getattr(error, "cause", None) or error  # raised in a Ray worker: its own message, not the trace
         print(f"coincide-ray: error: {cause}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_stages(args: argparse.Namespace, config: JobConfig) -> None:
+    """The stages the command asks for, in order."""
+    embed = None
+    if args.command in ("run", "embed"):
+        from coincide_ray.embed.stage import run_embed
+        from coincide_ray.pipeline import EmbedStats
+
+        result = run_embed(config, progress=stderr_progress)
+        embed = EmbedStats(result.embedded, round(result.seconds, 3), result.truncated, result.resources,
+                           result.reused_here, result.reused_previous)
+        if args.command == "embed":
+            from coincide_ray.manifest import clear_in_progress
+
+            clear_in_progress(config.output)
+    if args.command in ("run", "select"):
+        from coincide_ray.pipeline import run_select
+
+        run_select(config, embed=embed)
 
 
 if __name__ == "__main__":

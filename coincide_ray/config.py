@@ -55,17 +55,17 @@ class EmbedConfig:
         _fail_unless(self.actors >= 0, f"embed.actors must be non-negative, got {self.actors}")
         _fail_unless(self.max_actors >= 0, f"embed.max_actors must be non-negative, got {self.max_actors}")
         devices = ("auto", "gpu", "cpu")
-        _fail_unless(self.device in devices, f"embed.device must be one of {', '.join(devices)}, got {self.device!r}")
+        _fail_unless(self.device in devices, f"embed.device must be one of {', '.join(devices)}, got {quoted(self.device)}")
         _fail_unless(self.gpus_per_actor > 0, f"embed.gpus_per_actor must be positive, got {self.gpus_per_actor}")
         _fail_unless(self.wait_for_resources_s >= 0,
                      f"embed.wait_for_resources_s must be non-negative, got {self.wait_for_resources_s}")
         _fail_unless(self.prepare_workers >= 0, f"embed.prepare_workers must be non-negative, got {self.prepare_workers}")
         _fail_unless(self.max_image_pixels >= 1, f"embed.max_image_pixels must be positive, got {self.max_image_pixels}")
         dtypes = ("auto", "float32", "bfloat16", "float16")
-        _fail_unless(self.dtype in dtypes, f"embed.dtype must be one of {', '.join(dtypes)}, got {self.dtype!r}")
+        _fail_unless(self.dtype in dtypes, f"embed.dtype must be one of {', '.join(dtypes)}, got {quoted(self.dtype)}")
         stored = ("float16", "float32")
         _fail_unless(self.vector_dtype in stored,
-                     f"embed.vector_dtype must be one of {', '.join(stored)}, got {self.vector_dtype!r}")
+                     f"embed.vector_dtype must be one of {', '.join(stored)}, got {quoted(self.vector_dtype)}")
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class ClusterConfig:
         _fail_unless(0.0 < self.sample_fraction <= 1.0,
                      f"cluster.sample_fraction must lie in (0, 1], got {self.sample_fraction}")
         _fail_unless(self.workers >= 0, f"cluster.workers must be non-negative, got {self.workers}")
-        _fail_unless(self.device in ("auto", "cpu"), f"cluster.device must be auto or cpu, got {self.device!r}")
+        _fail_unless(self.device in ("auto", "cpu"), f"cluster.device must be auto or cpu, got {quoted(self.device)}")
         _fail_unless(self.clusters >= 1, f"cluster.clusters must be at least 1, got {self.clusters}")
         _fail_unless(self.iterations >= 0, f"cluster.iterations must be non-negative, got {self.iterations}")
         _fail_unless(0 <= self.seed < 2**63, f"cluster.seed must lie in [0, 2^63), got {self.seed}")
@@ -189,7 +189,7 @@ def _names(value: Any, key: str) -> tuple[str, ...]:
     """'a,b' or [a, b] -> ('a', 'b')."""
     names = value.split(",") if isinstance(value, str) else value
     _fail_unless(isinstance(names, (list, tuple)) and all(isinstance(n, str) and n for n in names),
-                 f"{key} must be names, got {value!r}")
+                 f"{key} must be names, got {quoted(value)}")
     return tuple(names)
 
 
@@ -199,7 +199,7 @@ def parse_layers(value: Any) -> tuple[int, ...]:
     try:
         return tuple(int(item) for item in items)
     except (TypeError, ValueError):
-        raise ConfigError(f"layers must be comma-separated integers, got {value!r}") from None
+        raise ConfigError(f"layers must be comma-separated integers, got {quoted(value)}") from None
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
@@ -211,13 +211,13 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         kind = fields[name].type  # a string: annotations are postponed
         numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
         if kind == "int" and not (numeric and float(value).is_integer()):
-            raise ConfigError(f"{prefix}{name} must be an integer, got {value!r}")
+            raise ConfigError(f"{prefix}{name} must be an integer, got {quoted(value)}")
         if kind == "float" and not numeric:
-            raise ConfigError(f"{prefix}{name} must be a number, got {value!r}")
+            raise ConfigError(f"{prefix}{name} must be a number, got {quoted(value)}")
         if kind in ("str", "str | None") and not isinstance(value, str) and not (kind != "str" and value is None):
-            raise ConfigError(f"{prefix}{name} must be a string, got {value!r}")
+            raise ConfigError(f"{prefix}{name} must be a string, got {quoted(value)}")
         if kind == "bool" and not isinstance(value, bool):
-            raise ConfigError(f"{prefix}{name} must be true or false, got {value!r}")
+            raise ConfigError(f"{prefix}{name} must be true or false, got {quoted(value)}")
         converted[name] = {"int": int, "float": float}.get(kind, lambda v: v)(value)
     try:
         return cls(**converted)
@@ -225,13 +225,45 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or 'job'}: {error}") from None
 
 
+MAX_CONFIG_VALUES = 100_000  # a job config is a few dozen keys; YAML aliases can make billions
+
+
+def quoted(value: Any, limit: int = 120) -> str:
+    """A value for an error message: its repr, shortened at every level (reprlib) and cut
+    at `limit` characters, so that a huge value never floods the terminal."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict, short.maxtuple, short.maxstring, short.maxother = 3, 6, 6, 6, 60, 60
+    text = short.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def count_values(values: Any, limit: int) -> int:
+    """How many values `values` holds, walked as the tree YAML aliases expand into; stops
+    counting past `limit`, so an alias bomb costs no more than `limit` steps."""
+    seen, stack = 0, [values]
+    while stack and seen <= limit:
+        value = stack.pop()
+        seen += 1
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+    return seen
+
+
 def load_yaml(uri_text: str) -> dict[str, Any]:
     """Parse a YAML config file's text into nested plain values."""
     try:
         values = yaml.safe_load(uri_text) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file is not valid YAML: {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"config file is not valid YAML: {quoted(str(error).splitlines()[0], 200)}") from None
     _fail_unless(isinstance(values, dict), "config file must hold a mapping of keys")
+    _fail_unless(count_values(values, MAX_CONFIG_VALUES) <= MAX_CONFIG_VALUES,
+                 f"config file expands to more than {MAX_CONFIG_VALUES:,} values (nested YAML aliases?); "
+                 "a job config holds a few dozen keys")
     return values
 
 

@@ -42,6 +42,12 @@ ATTEMPTS = 4  # our tries per call, on top of s3fs's and botocore's own; backoff
 BACKOFF_S = 0.5
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, InputFormatError,
              StorageError)
+try:  # missing or partial credentials do not appear on a retry
+    from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+
+    PERMANENT += (NoCredentialsError, PartialCredentialsError)
+except ImportError:
+    pass
 T = TypeVar("T")
 
 

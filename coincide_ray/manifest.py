@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import os
 import platform
+import socket
 import sys
+import threading
+import time
+import uuid
 from collections import Counter
 from importlib import metadata
 
@@ -76,16 +82,78 @@ def command_line() -> str:
     return " ".join(sys.argv)
 
 
-def mark_in_progress(output: str) -> None:
-    """Mark `output` as mid-update, before a run's first write into it (the nightly refresh
-    never builds on such a folder); clear_in_progress removes the mark after the manifest."""
-    import datetime
+RUN_ID = uuid.uuid4().hex  # this process's run: its stages share one lease on the output
+HEARTBEAT_S = 20.0  # the lease is rewritten this often while the run lives
+STALE_S = 120.0  # a lease not rewritten for this long belongs to a run that is gone
 
-    io.write_json({"command": command_line(), "started": datetime.datetime.now(datetime.timezone.utc).isoformat()},
-                  io.join(output, schema.IN_PROGRESS_PATH))
+
+class OutputBusy(RuntimeError):
+    """Another live run is writing into the same output (one line, for the user)."""
+
+
+_beating: dict[str, threading.Event] = {}
+
+
+def mark_in_progress(output: str) -> None:
+    """Mark `output` as mid-update before a run's first write into it: the mark is also a
+    lease, with the run's id and a heartbeat rewritten every HEARTBEAT_S. A second run
+    refuses while another's lease is live (its process alive on this host, or its heartbeat
+    fresh from another); a lease left by a killed run is taken over. clear_in_progress
+    removes the mark after the manifest. The nightly refresh never builds on a marked run."""
+    marker = io.join(output, schema.IN_PROGRESS_PATH)
+    if io.exists(marker):
+        try:
+            holder = io.read_json(marker)
+        except ValueError:
+            holder = {}
+        if holder.get("run_id") not in (None, RUN_ID) and lease_is_live(holder):
+            raise OutputBusy(f"{output} is being written by another run (id {holder['run_id'][:12]}, host "
+                             f"{holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}); "
+                             "wait for it to finish or choose another --output")
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    lease = {"run_id": RUN_ID, "host": socket.gethostname(), "pid": os.getpid(), "command": command_line(),
+             "started": started}
+    write_lease(marker, lease)
+    if output not in _beating:
+        stop = _beating[output] = threading.Event()
+        threading.Thread(target=heartbeat, args=(marker, lease, stop), daemon=True, name="lease").start()
+
+
+def write_lease(marker: str, lease: dict) -> None:
+    io.write_json({**lease, "heartbeat": time.time()}, marker)
+
+
+def heartbeat(marker: str, lease: dict, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_S):
+        try:
+            write_lease(marker, lease)
+        except Exception:  # a missed beat: the next one may pass; staleness takes minutes
+            pass
+
+
+def lease_is_live(holder: dict) -> bool:
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        try:
+            os.kill(holder["pid"], 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True  # another user's live process
+    return time.time() - float(holder.get("heartbeat") or 0) < STALE_S
+
+
+def stop_heartbeats() -> None:
+    """Stop rewriting every lease this process holds (the run ended, finished or not); the
+    marks stay where a run did not finish."""
+    while _beating:
+        _beating.popitem()[1].set()
 
 
 def clear_in_progress(output: str) -> None:
+    stop = _beating.pop(output, None)
+    if stop is not None:
+        stop.set()
     marker = io.join(output, schema.IN_PROGRESS_PATH)
     if io.exists(marker):
         io.remove(marker)

@@ -444,7 +444,8 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "resources": {"embed": embed.resources if embed else None,
                       "select": shards.shards.plan() if shards.shards is not None else None},
-        "paths": {file_name(path): io.join(out, path) for path in digests},
+        # relative to the output folder, so a copied or moved output still names its own files
+        "paths": {file_name(path): path for path in digests},
         "sha256": {file_name(path): digest for path, digest in digests.items()},
         "stage_keys": {"cluster": keys.cluster, "select": keys.select},
         "strategies": strategy_counts(strategy_tables),
@@ -473,7 +474,7 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
     report_uri = io.join(out, schema.REPORT_PATH)
     io.write_bytes(report_uri, render_report(manifest, summary, selection, config.embeddings, config.input,
                                              config.image_root, labels).encode())
-    manifest["paths"]["report"] = report_uri
+    manifest["paths"]["report"] = schema.REPORT_PATH
     manifest_uri = io.join(out, schema.MANIFEST_PATH)
     io.write_json(manifest, manifest_uri)  # last: marks the run complete
     clear_in_progress(out)

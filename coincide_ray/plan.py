@@ -142,7 +142,7 @@ def plan(config: JobConfig, command: str, calibrate: int = 0, workers: int = 0) 
 
 def measure(config: JobConfig, count: int) -> float:
     """Samples/s of the model on `count` records, prepared beforehand, in this process."""
-    from coincide_ray.embed.model import context_length, load_model, local_copy
+    from coincide_ray.embed.model import load_model, local_copy, preprocessing
     from coincide_ray.embed.msa import extract_msa_embeddings
     from coincide_ray.embed.preprocess import Preprocessor
     from coincide_ray.embed.stage import plan_blocks
@@ -152,7 +152,7 @@ def measure(config: JobConfig, count: int) -> float:
     pre = Preprocessor(loaded.processor, image_root=config.image_root, batch_size=config.embed.batch_size,
                        batch_tokens=config.embed.batch_tokens,
                        max_image_pixels=config.embed.max_image_pixels,
-                       max_tokens=context_length(local_copy(config.model, config.embed.model_cache)))
+                       **preprocessing(local_copy(config.model, config.embed.model_cache)))
     items = [item for block in plan_blocks(config.input, count) for item in block][:count]
     batches = pre.prepare(0, items).batches
     done = sum(len(b.positions) for b in batches)

@@ -95,12 +95,12 @@ def main() -> int:
     for name, value in compared["this run"].items():
         if name not in ("model", "records", "clusters"):
             print(f"  {name:40s} {value!s:>10s} {compared['that run'][name]!s:>15s}")
-    print(f"  report: {manifest['paths']['report']}")
+    print(f"  report: {root / manifest['paths']['report']}")
     selected = io.read_json(str(root / schema.SELECTED_RECORDS_PATH))
     print(f"  selected skills: {dict(sorted(Counter(r['skill'] for r in selected).items()))}")
     print(f"  outputs under {root}:")
     for name, path in manifest["paths"].items():
-        print(f"    {name:17s} {path}")
+        print(f"    {name:17s} {root / path}")
     print(f"    {'manifest':17s} {root / schema.MANIFEST_PATH}")
     return 0
 

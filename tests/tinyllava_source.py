@@ -115,7 +115,8 @@ def write_source(folder: Path, weights: dict[str, torch.Tensor], **config_change
                   mm_vision_tower="bczhou/TinyLLaVA-2.0B-SigLIP", mm_hidden_size=MM_HIDDEN,
                   mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, mm_vision_select_feature="patch",
                   image_aspect_ratio="pad", mm_use_im_start_end=False, tokenizer_padding_side="right",
-                  tie_word_embeddings=False, torch_dtype="float16", transformers_version="4.37.2")
+                  tie_word_embeddings=False, torch_dtype="float16", transformers_version="4.37.2",
+                  tokenizer_model_max_length=3072)
     config.update(config_changes)
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "tokenizer_config.json").write_text(json.dumps({
@@ -136,4 +137,24 @@ def write_tower_config(folder: Path) -> Path:
         "num_hidden_layers": TOWER["stored_layers"] + 1, "num_attention_heads": TOWER["heads"],
         "image_size": TOWER["image"], "patch_size": TOWER["patch"], "layer_norm_eps": 1e-6,
         "hidden_act": "gelu_pytorch_tanh"}))
+    return folder
+
+
+TOWER_SOURCE = "model.vision_tower.vision_tower.vision_model."
+
+
+def write_tower_weights(folder: Path, weights: dict[str, torch.Tensor], changed: str | None = None) -> Path:
+    """The published tower folder as a SiglipVisionModel saves it (`vision_model.*`): the
+    source's tower tensors and one layer more (the uncut tower), optionally with `changed`
+    (a name after `vision_model.`) nudged."""
+    from safetensors.torch import save_file
+
+    write_tower_config(folder)
+    tower = {"vision_model." + k[len(TOWER_SOURCE):]: v.clone() for k, v in weights.items() if k.startswith(TOWER_SOURCE)}
+    last = TOWER["stored_layers"]
+    for name in [n for n in tower if n.startswith("vision_model.encoder.layers.0.")]:
+        tower[name.replace("layers.0.", f"layers.{last}.")] = tower[name].clone()
+    if changed:
+        tower["vision_model." + changed] = tower["vision_model." + changed] + 0.5
+    save_file(tower, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder

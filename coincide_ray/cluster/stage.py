@@ -257,6 +257,29 @@ class ShardWorker:
 
 LOST = (RayActorError, ObjectLostError, OwnerDiedError, WorkerCrashedError, NodeDiedError)
 HEAL_ATTEMPTS = 3  # node losses survived within one phase before giving up
+HEAL_DEADLINE_S = 600.0  # replacing the lost shards of one phase, retries included
+ANSWER_S = 30.0  # a worker or a node that has not answered in this long is taken as lost
+
+
+class ShardsLost(RuntimeError):
+    """Lost shard workers could not be replaced (one line, for the user)."""
+
+
+@ray.remote(num_cpus=0)
+def node_of_this_task() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+def node_answers(node: str, timeout: float = ANSWER_S) -> bool:
+    """Whether a task pinned to `node` runs there now. Ray's node table still lists a node
+    lost without warning (a spot preemption) until its heartbeats time out, so being
+    listed alive is not enough to place a replacement there."""
+    ref = node_of_this_task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+    try:
+        return ray.get(ref, timeout=timeout) == node
+    except Exception:  # lost, unschedulable or silent: not a place for a shard
+        ray.cancel(ref, force=True)
+        return False
 
 
 def lost(error: BaseException) -> bool:
@@ -385,18 +408,24 @@ class ShardSet:
 
     def heal(self, why: str) -> int:
         """Replace each worker that no longer answers with a new one over the same files, on
-        a node that is alive; the number replaced."""
+        a node that answers; the number replaced. Raises a LOST error when a replacement is
+        lost too (survive tries again)."""
         answers = [w.node.remote() for w in self.workers]
-        dead = []
+        dead, answering = [], set()
         for i, answer in enumerate(answers):
             try:
-                ray.get(answer, timeout=60)
+                answering.add(ray.get(answer, timeout=ANSWER_S))
             except (*LOST, GetTimeoutError):
                 dead.append(i)
-        alive = shard_nodes(device=self.device)
+        if not dead:
+            return 0
+        places = [place for place in shard_nodes(device=self.device)
+                  if place.node in answering or node_answers(place.node)]
+        if not places:
+            raise NodeDiedError("no node of the cluster answers")  # survive waits for one, up to its deadline
         for turn, i in enumerate(dead):
             ray.kill(self.workers[i])
-            place = alive[turn % len(alive)]
+            place = places[turn % len(places)]
             shard = self.shards[i]
             began = time.perf_counter()
             self.workers[i] = start_worker(shard.files, place)
@@ -410,18 +439,35 @@ class ShardSet:
                 self.progress(note)
         return len(dead)
 
-    def survive(self, why: str, phase):
+    def survive(self, why: str, phase, deadline_s: float = HEAL_DEADLINE_S):
         """`phase()`, run again after replacing lost shards when a node is lost during it.
         Every phase is a deterministic function of the shards' rows, so a rerun gives what
-        an uninterrupted one would have."""
+        an uninterrupted one would have. Healing is retried (a replacement can be lost too)
+        until `deadline_s`; then ShardsLost, in one line."""
+        deadline = time.monotonic() + deadline_s
         for attempt in range(HEAL_ATTEMPTS + 1):
             try:
                 return phase()
             except Exception as error:
-                if not lost(error) or attempt == HEAL_ATTEMPTS:
+                if not lost(error):
                     raise
-                if not self.heal(why):
-                    time.sleep(1.0)  # the loss is still being noticed: look again
+                if attempt == HEAL_ATTEMPTS:
+                    raise ShardsLost(f"{why}: shard workers were lost {attempt + 1} times; "
+                                     f"last: {type(error).__name__}") from None
+                last = error
+            while True:
+                if time.monotonic() > deadline:
+                    raise ShardsLost(f"{why}: lost shard workers could not be replaced within {deadline_s:g} s "
+                                     f"({type(last).__name__}); the cluster has no node that answers") from None
+                try:
+                    if not self.heal(why):
+                        time.sleep(1.0)  # the loss is still being noticed: look again
+                    break
+                except Exception as error:
+                    if not lost(error):
+                        raise
+                    last = error
+                    time.sleep(1.0)
 
     def unit_rows_at(self, wanted: np.ndarray) -> np.ndarray:
         def gather():

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coincide_ray import io
+from coincide_ray.embed.model import RECIPE_FILE
 
 SOURCE_MODEL_TYPE = "tiny_llava_stablelm"
 IMAGE_TOKEN = "<image>"
@@ -84,9 +85,13 @@ class Converted:
 
 
 def convert_tinyllava(source: str, output: str, vision_config: str | None = None, cache: str = "",
-                      progress=None) -> Converted:
+                      progress=None, vision_tower: str | None = None) -> Converted:
     """Write the converted checkpoint of the TinyLLaVA folder `source` (local or s3://) to
-    `output`, which must not hold files yet. ConvertError names anything not recognised."""
+    `output`, which must not hold files yet. ConvertError names anything not recognised.
+
+    `vision_tower`: the published SigLIP tower folder (the source's `mm_vision_tower`), whose
+    weights the authors' loader uses; the converter then takes the tower from there and says
+    whether it equals the copy inside the source's model.safetensors. Without it, the copy."""
     from coincide_ray.embed.model import ModelError, local_copy
 
     say = progress or (lambda message: None)
@@ -100,6 +105,11 @@ def convert_tinyllava(source: str, output: str, vision_config: str | None = None
     _check_source_config(config, source)
     tensors = _source_tensors(folder, source)
     tower = _tower_config(tensors, vision_config, source)
+    tower_source = _take_tower(tensors, vision_tower, cache, say) if vision_tower else \
+        "the copy inside the source's model.safetensors"
+    if not vision_tower:
+        say("convert: vision tower: the copy inside the source's model.safetensors (the authors' loader reads "
+            "the tower folder mm_vision_tower names instead; give it with --vision-tower to use it)")
     say(f"convert: {len(tensors)} tensors; decoder {config['num_hidden_layers']} layers x {config['hidden_size']}, "
         f"tower {tower['num_hidden_layers']} layers x {tower['hidden_size']}, "
         f"{(tower['image_size'] // tower['patch_size']) ** 2} image tokens")
@@ -109,10 +119,15 @@ def convert_tinyllava(source: str, output: str, vision_config: str | None = None
         raise ConvertError(f"{source}: the tokenizer needs id {image_token_id} for {IMAGE_TOKEN} but the model "
                            f"has {config['vocab_size']} embedding rows")
     llava = _llava_config(config, tower, tokenizer, image_token_id, has_head=any(".head." in n for n in tensors))
+    recipe = _recipe(config, tokenizer, tower_source)
+    say(f"convert: image records drop every {recipe['image_records_drop_tokens'][0]} token (id "
+        f"{recipe['image_records_drop_token_ids'][0]}, the pad token of the source's tokenizer), as the authors' "
+        f"collator does; context {recipe['context_tokens']} tokens ({recipe['context_from']})")
     renamed = _renamed(tensors, llava, source)
     staging = Path(tempfile.mkdtemp(prefix="coincide-convert-"))
     try:
         _write(staging, renamed, tensors, llava, _processor(tokenizer, tower))
+        (staging / RECIPE_FILE).write_text(json.dumps(recipe, indent=1) + "\n")
         carried = _check_bits(staging / "model.safetensors", renamed, tensors)
         image_tokens = _check_processor(staging, image_token_id)
         if image_tokens != (tower["image_size"] // tower["patch_size"]) ** 2:
@@ -151,8 +166,9 @@ def _check_source_config(config: dict, source: str) -> None:
         raise ConvertError(f"{source}: config.json lacks {', '.join(missing)}")
 
 
-def _source_tensors(folder: Path, source: str) -> dict[str, tuple[Path, tuple, int]]:
-    """name -> (file, shape, bytes) of every tensor of the source's safetensors files."""
+def _source_tensors(folder: Path, source: str) -> dict[str, tuple[Path, tuple, int, str]]:
+    """name -> (file, shape, bytes, name in that file) of every tensor of the source's
+    safetensors files."""
     from safetensors import safe_open
 
     files = sorted(folder.glob("*.safetensors"))
@@ -162,10 +178,74 @@ def _source_tensors(folder: Path, source: str) -> dict[str, tuple[Path, tuple, i
             for name in handle.keys():
                 piece = handle.get_slice(name)
                 shape = tuple(piece.get_shape())
-                found[name] = (path, shape, _dtype_bytes(piece.get_dtype()) * math.prod(shape))
+                found[name] = (path, shape, _dtype_bytes(piece.get_dtype()) * math.prod(shape), name)
     if not found:
         raise ConvertError(f"{source}: no tensors in its .safetensors files")
     return found
+
+
+TOWER_FOLDER_PREFIX = "vision_model."  # a SiglipVisionModel folder's tensor names
+
+
+def _take_tower(tensors: dict, uri: str, cache: str, say) -> str:
+    """Point every tower tensor of `tensors` at the tower folder's own copy (its layers past
+    the stored ones are not used: the converted tower ends where the source's copy does),
+    say in one line whether the two are equal, and return the folder, for the recipe."""
+    import torch
+    from safetensors import safe_open
+
+    from coincide_ray.embed.model import ModelError, local_copy
+
+    try:
+        folder = local_copy(uri, cache or "~/.cache/coincide-ray/models")
+    except ModelError as error:
+        raise ConvertError(f"--vision-tower: {error}") from None
+    theirs = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                if name.startswith(TOWER_FOLDER_PREFIX):
+                    theirs[name[len(TOWER_FOLDER_PREFIX):]] = path
+    ours = [n for n in tensors if n.startswith(SOURCE_TOWER)]
+    missing = [n for n in ours if n[len(SOURCE_TOWER):] not in theirs]
+    if missing:
+        raise ConvertError(f"--vision-tower {uri}: no {TOWER_FOLDER_PREFIX}{missing[0][len(SOURCE_TOWER):]} "
+                           f"(and {len(missing) - 1} more tensors of the source's tower)")
+    largest, differing = 0.0, 0
+    for name in ours:
+        rest = name[len(SOURCE_TOWER):]
+        with safe_open(str(theirs[rest]), framework="pt") as handle:
+            tower_tensor = handle.get_tensor(TOWER_FOLDER_PREFIX + rest)
+        with safe_open(str(tensors[name][0]), framework="pt") as handle:
+            copy = handle.get_tensor(tensors[name][3])
+        if tuple(tower_tensor.shape) != tuple(copy.shape):
+            raise ConvertError(f"--vision-tower {uri}: {TOWER_FOLDER_PREFIX}{rest} has shape "
+                               f"{list(tower_tensor.shape)}, the source's copy {list(copy.shape)}")
+        if not (tower_tensor.dtype == copy.dtype and torch.equal(tower_tensor, copy)):
+            differing += 1
+            largest = max(largest, float((tower_tensor.float() - copy.float()).abs().max()))
+        tensors[name] = (theirs[rest], tuple(tower_tensor.shape),
+                         tower_tensor.element_size() * tower_tensor.numel(), TOWER_FOLDER_PREFIX + rest)
+    if differing:
+        say(f"convert: vision tower from {uri}: it differs from the copy inside the source's model.safetensors in "
+            f"{differing} of {len(ours)} tensors (largest difference {largest:.3g}, dtypes included); the tower "
+            "folder's is used, as the authors' loader does")
+    else:
+        say(f"convert: vision tower from {uri}: equal, bit for bit, to the copy inside the source's model.safetensors")
+    return uri
+
+
+def _recipe(config: dict, tokenizer, tower_source: str) -> dict:
+    """What the embed stage must do beside the processor to give the authors' vectors."""
+    limit = config.get("tokenizer_model_max_length")
+    return {
+        "recipe": "TinyLLaVA-2.0B, as the COINCIDE authors embed with it",
+        "image_records_drop_token_ids": [tokenizer.pad_token_id],
+        "image_records_drop_tokens": [tokenizer.pad_token],
+        "context_tokens": int(limit or config.get("max_position_embeddings", 4096)),
+        "context_from": "tokenizer_model_max_length" if limit else "max_position_embeddings",
+        "vision_tower": tower_source,
+    }
 
 
 def _dtype_bytes(name: str) -> int:
@@ -338,7 +418,7 @@ def _write(staging: Path, renamed: dict[str, str], tensors: dict, llava, process
     for path, names in by_file.items():
         with safe_open(str(path), framework="pt") as handle:
             for target, name in names:
-                out[target] = handle.get_tensor(name)
+                out[target] = handle.get_tensor(tensors[name][3])
     save_file(out, str(staging / "model.safetensors"), metadata={"format": "pt"})
     processor.save_pretrained(str(staging))
     llava.save_pretrained(str(staging))
@@ -352,7 +432,7 @@ def _check_bits(written: Path, renamed: dict[str, str], tensors: dict) -> int:
     with safe_open(str(written), framework="pt") as out:
         for target, name in renamed.items():
             with safe_open(str(tensors[name][0]), framework="pt") as handle:
-                original = handle.get_tensor(name)
+                original = handle.get_tensor(tensors[name][3])
             copy = out.get_tensor(target)
             same = original.dtype == copy.dtype and original.shape == copy.shape and torch.equal(
                 original.contiguous().view(torch.uint8), copy.contiguous().view(torch.uint8))

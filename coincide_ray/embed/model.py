@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -30,6 +32,123 @@ def model_files(uri: str) -> list[tuple[str, int]]:
     if not any(name == "config.json" for name, _ in entries):
         raise ModelError(f"{uri} has no config.json: not a Hugging Face checkpoint folder")
     return entries
+
+
+SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+                     "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+
+
+def safetensors_tensors(uri: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (dtype, shape)} from one .safetensors file's header, read without its
+    data (a range read on S3). ModelError, in one line naming the file, when the header is
+    not one: a length beyond the file, not JSON, an unknown dtype, offsets outside the data
+    or not matching the shape."""
+    size = io.size(uri)
+    fs, path = io.resolve(uri)
+
+    def head() -> tuple[int, bytes]:
+        with fs.open(path, "rb") as f:
+            first = f.read(8)
+            length = int.from_bytes(first, "little") if len(first) == 8 else -1
+            return length, (f.read(length) if 0 <= length <= min(MAX_HEADER_BYTES, size - 8) else b"")
+
+    length, raw = io.retried(uri, "reading", head)
+    if length < 0:
+        raise ModelError(f"{uri}: not a safetensors file (shorter than its 8-byte header length)")
+    if length > min(MAX_HEADER_BYTES, size - 8):
+        raise ModelError(f"{uri}: corrupt safetensors header: it claims {length:,} bytes of header in a file of "
+                         f"{size:,} bytes")
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        raise ModelError(f"{uri}: corrupt safetensors header: not JSON") from None
+    if not isinstance(header, dict):
+        raise ModelError(f"{uri}: corrupt safetensors header: not a mapping of tensors")
+    data = size - 8 - length
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            fits = (dtype in SAFETENSORS_BYTES and all(isinstance(n, int) and n >= 0 for n in shape)
+                    and 0 <= start <= end <= data and end - start == math.prod(shape) * SAFETENSORS_BYTES[dtype])
+        except (KeyError, TypeError, ValueError):
+            fits = False
+        if not fits:
+            raise ModelError(f"{uri}: corrupt safetensors header: tensor {name[:100]!r} has an unknown dtype, a bad "
+                             "shape or data outside the file")
+        tensors[name] = (dtype, shape)
+    return tensors
+
+
+def check_weights(uri: str, trust_remote_code: bool = False) -> None:
+    """Every .safetensors file of the checkpoint has a sound header, and every tensor the
+    config's model has is stored with the shape the config gives it: a corrupt or mismatched
+    checkpoint is one line naming the file, before Ray starts. Reads headers and config.json
+    only. (Custom model code is not run here: with trust_remote_code only headers are checked.)"""
+    stored: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, _ in model_files(uri):
+        if name.endswith(".safetensors"):
+            file = io.join(uri, name)
+            stored.update({key: (file, shape) for key, (_, shape) in safetensors_tensors(file).items()})
+    if trust_remote_code:
+        return
+    expected = SuffixIndex(config_shapes(uri))
+    for key, (file, shape) in stored.items():
+        match = expected.find(key)
+        if match is not None and expected.shapes[match] != shape:
+            raise ModelError(f"{file}: tensor {key} has shape {list(shape)} but config.json asks for "
+                             f"{list(expected.shapes[match])} ({match})")
+
+
+class SuffixIndex:
+    """The model's parameter names, found by their dotted endings: checkpoints name the same
+    tensor under other prefixes (`language_model.model.layers.0...` for
+    `model.language_model.layers.0...`), so a stored name is matched to the one parameter
+    that shares its shortest unambiguous ending of two or more parts, or to none."""
+
+    LONGEST = 8
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+        self.shapes = shapes
+        self.by_ending: dict[tuple[str, ...], list[str]] = {}
+        for name in shapes:
+            parts = tuple(name.split("."))
+            for length in range(2, min(len(parts), self.LONGEST) + 1):
+                self.by_ending.setdefault(parts[-length:], []).append(name)
+
+    def find(self, stored: str) -> str | None:
+        parts = tuple(stored.split("."))
+        for length in range(2, min(len(parts), self.LONGEST) + 1):
+            names = self.by_ending.get(parts[-length:], [])
+            if len(names) <= 1:
+                return names[0] if names else None
+        return None
+
+
+def config_shapes(uri: str) -> dict[str, tuple[int, ...]]:
+    """{parameter name: shape} of the model config.json describes, built on the meta device
+    (no memory, no weights)."""
+    import tempfile
+
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, "config.json").write_bytes(io.read_bytes(io.join(uri, "config.json")))
+        try:
+            config = AutoConfig.from_pretrained(folder)
+        except (ValueError, OSError) as error:
+            raise ModelError(f"{io.join(uri, 'config.json')}: {str(error).splitlines()[0][:200]}") from None
+    try:
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(config)
+    except ValueError as error:
+        raise ModelError(f"{uri} is not an image-text-to-text checkpoint ({type(config).__name__}): "
+                         f"{str(error).splitlines()[0][:200]}") from None
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
 def fingerprint(uri: str) -> str:
@@ -129,9 +248,41 @@ def load_processor(uri: str, config: EmbedConfig):
     return processor
 
 
+RECIPE_FILE = "coincide_recipe.json"
+
+
+def recipe(folder: str) -> dict:
+    """What a converted checkpoint asks of the embed stage beside its processor (written by
+    `coincide-ray convert`; {} for any other checkpoint): `image_records_drop_token_ids`,
+    token ids removed from image records before the forward pass, as the source model's
+    authors do, and `context_tokens`, the context they truncate at."""
+    path = Path(folder, RECIPE_FILE)
+    if not path.exists():
+        return {}
+    try:
+        found = json.loads(path.read_text())
+    except ValueError:
+        raise ModelError(f"{path}: not JSON") from None
+    if not isinstance(found, dict):
+        raise ModelError(f"{path}: not a mapping")
+    return found
+
+
+def preprocessing(folder: str, trust_remote_code: bool = False) -> dict:
+    """What the checkpoint asks of preparation beside its processor, as Preprocessor's
+    keyword arguments: the context it is run with, and the token ids its recipe removes
+    from image records."""
+    return {"max_tokens": context_length(folder, trust_remote_code),
+            "drop_in_image_rows": tuple(recipe(folder).get("image_records_drop_token_ids", ()))}
+
+
 def context_length(folder: str, trust_remote_code: bool = False) -> int:
-    """The decoder's context in tokens (0 when the config does not say)."""
+    """The context in tokens the checkpoint is run with: its recipe's, else the decoder's
+    (0 when neither says)."""
     from transformers import AutoConfig
+
+    if recipe(folder).get("context_tokens"):
+        return int(recipe(folder)["context_tokens"])
 
     text = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code).get_text_config()
     return int(getattr(text, "max_position_embeddings", 0) or 0)

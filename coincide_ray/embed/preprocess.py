@@ -58,6 +58,26 @@ def fit_context(inputs: dict[str, np.ndarray], max_tokens: int, image_token_id: 
     return [int(row) for row in np.flatnonzero(lengths > max_tokens)]
 
 
+def drop_tokens(inputs: dict[str, np.ndarray], drop_ids: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Remove every attended token whose id is in `drop_ids` from each row, closing the gap,
+    with padding after the last kept token; every per-token array is cut the same way. This
+    is the authors' TinyLLaVA collator: its attention mask is `input_ids != pad_token_id`,
+    and `prepare_inputs_labels_for_multimodal` deletes every masked token before the forward
+    pass, so their model never sees the pad-id token (for arcade100k also the turn separator)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    keep = mask.astype(bool) & ~np.isin(ids, np.asarray(drop_ids, dtype=ids.dtype))
+    width = int(keep.sum(axis=1).max(initial=0))
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :width]  # kept tokens first, in their order
+    kept = np.take_along_axis(keep, order, axis=1)
+    out = dict(inputs)
+    for key, value in inputs.items():
+        if isinstance(value, np.ndarray) and value.shape[:2] == ids.shape:
+            moved = np.take_along_axis(value, order.reshape(order.shape + (1,) * (value.ndim - 2)), axis=1)
+            out[key] = np.where(kept.reshape(kept.shape + (1,) * (value.ndim - 2)), moved, np.zeros_like(moved))
+    out["attention_mask"] = kept.astype(mask.dtype)
+    return out
+
+
 def plan_batches(lengths, max_rows: int, max_tokens: int) -> list[np.ndarray]:
     """Positions (into `lengths`) of each batch: the records sorted by token count, cut when
     a batch would hold more than `max_rows` records or its padded size (rows x its longest)
@@ -235,8 +255,10 @@ class Preprocessor:
 
     def __init__(self, processor, *, image_root: str | None, batch_size: int, max_image_pixels: int,
                  salt: str = "", previous: PreviousVectors | None = None, max_tokens: int = 0,
-                 batch_tokens: int = 0, fetch_in_flight: int = FETCH_IN_FLIGHT):
+                 batch_tokens: int = 0, fetch_in_flight: int = FETCH_IN_FLIGHT,
+                 drop_in_image_rows: tuple[int, ...] = ()):
         self.processor = processor
+        self.drop_in_image_rows = tuple(drop_in_image_rows)  # token ids removed from image records (a recipe)
         self.max_tokens = max_tokens  # the model's context; longer rows are cut (0: no limit)
         self.salt = salt  # run_salt(model, layers): part of every record fingerprint
         self.previous = previous  # an earlier run's vectors, reused by fingerprint
@@ -302,6 +324,8 @@ class Preprocessor:
     def _add_batch(self, prepared: PreparedBlock, rows, with_image: bool, items) -> None:
         try:
             inputs = self.encode([p for _, p, _ in rows], [i for _, _, i in rows] if with_image else None)
+            if with_image and self.drop_in_image_rows:
+                inputs = drop_tokens(inputs, self.drop_in_image_rows)
             cut = fit_context(inputs, self.max_tokens, getattr(self.processor, "image_token_id", None))
             prepared.truncated += [rows[row][0] for row in cut]
             prepared.batches.append(Batch([position for position, _, _ in rows], inputs))

@@ -61,7 +61,7 @@ class PrepareWorker:
         self.preprocessor = Preprocessor(processor, image_root=image_root, batch_size=embed.batch_size,
                                          batch_tokens=embed.batch_tokens,
                                          max_image_pixels=embed.max_image_pixels, salt=salt, previous=previous,
-                                         max_tokens=model_io.context_length(folder, embed.trust_remote_code))
+                                         **model_io.preprocessing(folder, embed.trust_remote_code))
 
     def __call__(self, row: dict) -> dict:
         return {"block": row["block"], "prepared": self.preprocessor.prepare(row["block"], row["items"])}
@@ -265,6 +265,8 @@ def provenance(config: JobConfig, hidden: int) -> dict:
         "layers": list(config.layers), "max_image_pixels": config.embed.max_image_pixels,
         "hidden": hidden, "dimension": 2 * len(config.layers) * hidden,
         "dtype": config.embed.vector_dtype, "block_records": config.embed.block_records, "versions": library_versions(),
+        # a converted checkpoint's recipe (coincide_recipe.json: tokens dropped, context, tower)
+        "recipe": model_io.recipe(str(model_io.local_copy(config.model, config.embed.model_cache))),
     }
 
 

@@ -136,6 +136,35 @@ ray.shutdown()
 cluster.shutdown()
 """
 
+NODE_PREEMPTED_IN_KMEANS = COMMON + r"""
+from coincide_ray.config import JobConfig
+from coincide_ray.pipeline import run_select
+
+args = json.loads(sys.argv[1])
+# a head with no CPU (the driver's) and worker nodes of one CPU each, one shard worker on each
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+workers = [cluster.add_node(num_cpus=1) for _ in range(args["nodes"])]
+ray.init(address=cluster.address, configure_logging=False, log_to_driver=False)
+os.environ["COINCIDE_RAY_TEST_HOLD"] = f"kmeans-iteration:3:{args['release']}"
+said = []
+
+def operator():
+    # a spot preemption: the node goes without warning, and Ray's node table lists it alive
+    # until its heartbeats time out
+    wait_until(lambda: any(" onto " in line for line in said), "the shards")
+    cluster.remove_node(workers[0], allow_graceful=False)
+    open(args["release"], "w").close()
+
+threading.Thread(target=operator, daemon=True).start()
+began = time.monotonic()
+lost = run_select(JobConfig.from_dict({"embeddings": args["embeddings"], "output": args["output"], "layers": [3, 7],
+                                       "cluster": {"clusters": 6, "iterations": 8}, "select": {"fraction": 0.25}}),
+                  progress=said.append)
+print(json.dumps({"said": said, "lost": lost["resources"], "seconds": time.monotonic() - began}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
 
 def run_script(script: str, args: dict) -> dict:
     out = subprocess.run([sys.executable, "-c", script, json.dumps(args)], capture_output=True, text=True,
@@ -204,3 +233,23 @@ def test_three_nodes_select_as_one_and_survive_losing_one_during_kmeans(tmp_path
     assert len(lost["shards_replaced"]) == 1 and "k-means" in lost["shards_replaced"][0]
     assert selection_of(str(tmp_path / "lost")) == selection_of(reference)
     print(f"node lost in k-means: run took {seen['seconds']:.1f} s; {lost['shards_replaced'][0]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nodes", [2, 3])
+def test_a_node_preempted_without_warning_during_kmeans(tmp_path, nodes):
+    written, *_ = write_embeddings(str(tmp_path), n=240)
+    whole_table = pa.concat_tables([io.read_parquet(f) for f in io.list_files(written, (".parquet",))])
+    embeddings = str(tmp_path / "files")
+    for part in range(nodes):
+        io.write_parquet(whole_table.slice(part * (240 // nodes), 240 // nodes), f"{embeddings}/part-{part:05d}.parquet")
+    reference = str(tmp_path / "one-node")
+    assert main(["select", "--embeddings", embeddings, "--output", reference, "--layers", "3,7", "--clusters", "6",
+                 "--iterations", "8", "--fraction", "0.25"]) == 0
+    seen = run_script(NODE_PREEMPTED_IN_KMEANS, {"embeddings": embeddings, "output": str(tmp_path / "lost"),
+                                                 "nodes": nodes, "release": str(tmp_path / "release")})
+    lost = seen["lost"]["select"]
+    assert lost["shard_workers"] == nodes
+    assert len(lost["shards_replaced"]) == 1 and "k-means" in lost["shards_replaced"][0]
+    assert selection_of(str(tmp_path / "lost")) == selection_of(reference)
+    print(f"node preempted in k-means ({nodes} nodes): run took {seen['seconds']:.1f} s; {lost['shards_replaced'][0]}")

@@ -98,3 +98,29 @@ def test_driver_killed_mid_kmeans(tmp_path):
     clean = str(tmp_path / "clean")
     assert main([*argv, "--output", clean]) == 0
     assert contract_bytes(killed) == contract_bytes(clean)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_mid_embed_ends_in_one_line(tmp_path, tiny_model, signum):
+    # Ctrl-C or a scheduler's SIGTERM while the model actor works: one line, exit 128 + signal,
+    # no Python traceback and no C++ stack dump; a rerun then resumes
+    base = str(tmp_path)
+    write_corpus(io.join(base, "corpus", "records.json"), io.join(base, "corpus"), 8, seed=5, broken=False)
+    argv = ["embed", "--input", io.join(base, "corpus", "records.json"), "--image-root", io.join(base, "corpus"),
+            "--model", tiny_model, "--layers", "1", "--output", io.join(base, "out"),
+            "--config", job_yaml(tmp_path, "job", block_records=4, batch_size=2)]
+    log_path = tmp_path / "driver.log"
+    with open(log_path, "w") as log:
+        driver = start_driver(argv, log, "embed-model:1")
+        deadline = time.monotonic() + 300
+        while "test hold: model actor holds block 1" not in log_path.read_text():
+            assert driver.poll() is None and time.monotonic() < deadline, log_path.read_text()[-2000:]
+            time.sleep(0.2)
+        os.kill(driver.pid, signum)
+        code = driver.wait(timeout=120)
+    text = log_path.read_text()
+    assert code == 128 + signum, text[-2000:]
+    assert "Traceback" not in text and "SIGTERM received" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    last = text.strip().splitlines()[-1]
+    assert last.startswith(f"coincide-ray: stopped by {signal.Signals(signum).name}"), text[-2000:]
+    assert io.exists(io.join(base, "out", schema.IN_PROGRESS_PATH))  # what a stopped run leaves says so

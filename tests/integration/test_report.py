@@ -42,7 +42,7 @@ def finished_run(tmp_path_factory, tiny_model):
 @pytest.mark.slow
 def test_report_renders_every_plot_and_thumbnail(finished_run):
     report = io.join(finished_run, schema.REPORT_PATH)
-    assert io.read_json(io.join(finished_run, schema.MANIFEST_PATH))["paths"]["report"] == report
+    assert io.join(finished_run, io.read_json(io.join(finished_run, schema.MANIFEST_PATH))["paths"]["report"]) == report
     page = open(report, encoding="utf-8").read()
     assert not re.search(r'(src|href)="(https?:)?//', page)  # self-contained
     dom, log = render_in_chromium(report)

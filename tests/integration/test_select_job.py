@@ -143,7 +143,7 @@ def test_strategies_share_the_clusters_and_stale_ones_are_removed(storage, capsy
         got = np.flatnonzero(table.column(schema.SELECTED).to_numpy(zero_copy_only=False))
         assert got.tolist() == expected.selected.tolist(), strategy
         assert manifest["strategies"][strategy]["selected"] == len(got)
-        assert manifest["paths"][f"{strategy}/selection"] == io.join(out, schema.strategy_paths(strategy)[0])
+        assert manifest["paths"][f"{strategy}/selection"] == schema.strategy_paths(strategy)[0]  # within the output
     coincide = io.read_parquet(io.join(out, schema.strategy_paths("coincide")[0])).column(schema.SELECTED)
     assert coincide.equals(main_selection.column(schema.SELECTED))
     assert "<h2>Strategies</h2>" in io.read_bytes(io.join(out, schema.REPORT_PATH)).decode()
@@ -155,3 +155,37 @@ def test_strategies_share_the_clusters_and_stale_ones_are_removed(storage, capsy
     assert list(io.read_json(io.join(out, schema.MANIFEST_PATH))["strategies"]) == ["uniform"]
     assert main(base + ["--strategy", "best"]) == 2
     assert "unknown strategy 'best'" in capsys.readouterr().err
+
+
+def test_a_second_run_into_an_output_another_live_run_holds_is_refused(tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    emb_uri, *_ = write_corpus(str(tmp_path), n=120)
+    out = str(tmp_path / "out")
+    argv = ["select", "--embeddings", emb_uri, "--output", out, "--layers", "3,7", "--clusters", "4",
+            "--iterations", "3", "--fraction", "0.2"]
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:  # a live run of another process on this host holds the lease
+        io.write_json({"run_id": "someone-else", "host": socket.gethostname(), "pid": holder.pid,
+                       "started": "2026-12-02T00:00:00+00:00", "heartbeat": 0}, io.join(out, schema.IN_PROGRESS_PATH))
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) >= 1 and "being written by another run" in err[-1] and "Traceback" not in "\n".join(err)
+        assert not io.exists(io.join(out, schema.MANIFEST_PATH))
+    finally:
+        holder.kill()
+        holder.wait()
+    # its process is gone (a killed run): the lease is taken over and the run completes
+    assert main(argv) == 0
+    assert not io.exists(io.join(out, schema.IN_PROGRESS_PATH))
+    # another host's lease with a fresh heartbeat is live too; an old heartbeat is not
+    import time
+
+    lease = {"run_id": "elsewhere", "host": "another-host", "pid": 1, "started": "x"}
+    io.write_json({**lease, "heartbeat": time.time()}, io.join(out, schema.IN_PROGRESS_PATH))
+    assert main(argv) == 2
+    io.write_json({**lease, "heartbeat": time.time() - 3600}, io.join(out, schema.IN_PROGRESS_PATH))
+    assert main(argv) == 0

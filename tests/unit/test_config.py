@@ -87,3 +87,35 @@ def test_checkable_flags_are_refused_in_one_line_before_ray_starts(tmp_path, cap
     assert code == 2 and len(err) == 1 and "--embeddings" in err[0]
     assert not ray.is_initialized()  # refused before Ray starts
     assert not (tmp_path / "out").exists() and not (tmp_path / "o2").exists()
+
+
+def alias_bomb(levels: int, key: str = "clusters") -> str:
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, levels):
+        lines.append(f"l{level}: &l{level} [" + ", ".join([f"*l{level - 1}"] * 9) + "]")
+    return "\n".join(lines) + f"\ncluster:\n  {key}: *l{levels - 1}\n"
+
+
+@pytest.mark.parametrize("levels", [6, 10])
+def test_a_yaml_alias_bomb_is_refused_at_once_in_one_short_line(tmp_path, levels, capsys):
+    import time
+
+    from coincide_ray.cli import main
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb(levels))
+    began = time.monotonic()
+    code = main(["select", "--config", str(path), "--output", str(tmp_path / "out"), "--embeddings", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and len(err[0]) < 400, err[0][:500]
+    assert "aliases" in err[0]
+    assert time.monotonic() - began < 10
+
+
+def test_a_huge_value_in_a_typed_key_is_quoted_short():
+    from coincide_ray.config import ConfigError, JobConfig
+
+    huge = [[list(range(50))] * 50] * 20  # 50,000 values: under the alias cap, far over a line
+    with pytest.raises(ConfigError) as caught:
+        JobConfig.from_dict({"output": "o", "cluster": {"clusters": huge}})
+    assert "cluster.clusters must be an integer" in str(caught.value) and len(str(caught.value)) < 200

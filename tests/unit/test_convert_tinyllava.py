@@ -29,8 +29,8 @@ from coincide_ray.embed.model import load_model
 from coincide_ray.embed.msa import extract_msa_embeddings
 from coincide_ray.embed.preprocess import Preprocessor
 from coincide_ray.records import Record
-from tinyllava_source import (DECODER, LAYERS, PATTERN, SYSTEM, TOWER, all_specials, source_weights, write_source,
-                              write_tower_config)
+from tinyllava_source import (DECODER, LAYERS, PATTERN, SYSTEM, TOWER, TOWER_SOURCE, all_specials, source_weights,
+                              write_source, write_tower_config, write_tower_weights)
 
 
 
@@ -131,13 +131,24 @@ def stablelm_o_proj(embeddings: torch.Tensor, weights) -> dict[int, torch.Tensor
     return outputs
 
 
-def recipe_vector(turns, image: Image.Image | None, source: Path, weights) -> np.ndarray:
+def pad_id(source: Path) -> int:
+    """The id of the source tokenizer's pad token (arcade100k: `<|endoftext|>`, the turn
+    separator of the `phi` prompt too), read from the source folder."""
+    pad = json.loads((source / "tokenizer_config.json").read_text())["pad_token"]
+    return all_specials()[pad]
+
+
+def recipe_vector(turns, image: Image.Image | None, source: Path, weights, drop_pad: bool = True) -> np.ndarray:
     """The authors' vector for an image record; DESIGN.md's for a text-only one (vision half
-    zero, the language half over the text after the system sentence and "USER:")."""
+    zero, the language half over the text after the system sentence and "USER:"). For an
+    image record their collator masks every pad-id token (`input_ids != pad_token_id`) and
+    `prepare_inputs_labels_for_multimodal` deletes the masked tokens before the forward pass:
+    so the model never sees a turn separator, and every later token has another context."""
     enc = encoding(source)
+    dropped = pad_id(source) if image is not None and drop_pad else None
 
     def tokens(text):
-        return enc.encode(unicodedata.normalize("NFC", text), allowed_special="all")
+        return [t for t in enc.encode(unicodedata.normalize("NFC", text), allowed_special="all") if t != dropped]
 
     embed = weights["model.embed_tokens.weight"].float()
     prompt = phi_prompt(turns)
@@ -215,24 +226,78 @@ def test_converted_vectors_equal_the_authors_recipe_on_the_source_weights(conver
                                     {"from": "gpt", "value": "A chat."}], "r#1"),
         Record("text", None, [{"from": "human", "value": "Describe the square."},
                               {"from": "gpt", "value": "It is red."}], "r#2"),
+        Record("three", "wide.png", [{"from": "human", "value": "What shape is drawn?\n<image>"},
+                                     {"from": "gpt", "value": "A square."},
+                                     {"from": "human", "value": "What colour is it?"},
+                                     {"from": "gpt", "value": "Red, with a thin border."},
+                                     {"from": "human", "value": "Is there text?"},
+                                     {"from": "gpt", "value": "No."}], "r#3"),
     ]
     loaded = load_model(str(output), EmbedConfig(dtype="float32"), device="cpu")
-    block = Preprocessor(loaded.processor, image_root=str(tmp_path), batch_size=4,
-                         max_image_pixels=10**7).prepare(0, records)
+    ours = embed_as_the_stage_does(loaded, output, records, tmp_path)
+    worst = {}
+    for record in records:
+        image = images[record.image] if record.image else None
+        expected = recipe_vector(record.conversations, image, source, weights)
+        worst[record.id] = float(np.abs(ours[record.id] - expected).max())
+        np.testing.assert_allclose(ours[record.id], expected, atol=2e-5, rtol=0)
+    half = DECODER["hidden_size"]
+    assert not ours["text"][:half].any() and ours["text"][half : 2 * half].any()  # text-only: vision half zero
+    print(f"largest difference to the recipe per record: {worst}")
+
+    # the tolerance has teeth: the separators kept (as before the recipe) misses it on multi-turn records
+    kept = embed_as_the_stage_does(loaded, output, records, tmp_path, drop_in_image_rows=())
+    missed = {r.id: float(np.abs(kept[r.id] - recipe_vector(r.conversations, images.get(r.image), source,
+                                                             weights)).max()) for r in records}
+    assert missed["tall"] > 1e-4 and missed["three"] > 1e-4, missed
+    print(f"with the separators kept: {missed}")
+
+
+def embed_as_the_stage_does(loaded, output: Path, records, image_root, **override) -> dict[str, np.ndarray]:
+    """Vectors through the embed stage's own preparation (the converted folder's recipe and
+    context, as PrepareWorker reads them) and its extraction."""
+    from coincide_ray.embed.model import preprocessing
+
+    settings = {**preprocessing(str(output)), **override}
+    block = Preprocessor(loaded.processor, image_root=str(image_root), batch_size=4, max_image_pixels=10**7,
+                         **settings).prepare(0, records)
     assert not block.rejected
     ours = {}
     for batch in block.batches:
         vectors = extract_msa_embeddings(loaded.model, batch.inputs, LAYERS)
         ours.update({records[p].id: v for p, v in zip(batch.positions, vectors)})
-    worst = 0.0
-    for record in records:
-        image = images[record.image] if record.image else None
-        expected = recipe_vector(record.conversations, image, source, weights)
-        worst = max(worst, float(np.abs(ours[record.id] - expected).max()))
-        np.testing.assert_allclose(ours[record.id], expected, atol=2e-5, rtol=0)
-    half = DECODER["hidden_size"]
-    assert not ours["text"][:half].any() and ours["text"][half : 2 * half].any()  # text-only: vision half zero
-    print(f"largest difference to the recipe: {worst:.2e}")
+    return ours
+
+
+def test_the_converted_folder_records_its_recipe(converted):
+    source, output, _ = converted
+    recipe = json.loads((output / "coincide_recipe.json").read_text())
+    assert recipe["image_records_drop_token_ids"] == [pad_id(source)]
+    assert recipe["image_records_drop_tokens"] == ["<|endoftext|>"]
+    assert recipe["context_tokens"] == 3072 and recipe["context_from"] == "tokenizer_model_max_length"
+    assert "copy inside" in recipe["vision_tower"]
+
+
+@pytest.mark.parametrize("changed", [None, "encoder.layers.1.mlp.fc1.weight"])
+def test_the_tower_comes_from_the_tower_folder_when_given(tmp_path, capsys, changed):
+    from safetensors import safe_open
+
+    weights = source_weights()
+    source = write_source(tmp_path / "source", weights)
+    tower = write_tower_weights(tmp_path / "tower", weights, changed=changed)
+    output = tmp_path / "converted"
+    assert main(["convert", "tinyllava", "--source", str(source), "--output", str(output),
+                 "--vision-config", str(tower), "--vision-tower", str(tower)]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "vision tower from" in line]
+    assert len(said) == 1
+    assert ("equal, bit for bit" in said[0]) == (changed is None) and ("differs" in said[0]) == (changed is not None)
+    assert json.loads((output / "coincide_recipe.json").read_text())["vision_tower"] == str(tower)
+    with safe_open(str(output / "model.safetensors"), framework="pt") as out, \
+            safe_open(str(tower / "model.safetensors"), framework="pt") as folder:
+        name = "encoder.layers.1.mlp.fc1.weight"
+        written = next(out.get_tensor(k) for k in out.keys() if "vision" in k and k.endswith(name))
+        assert torch.equal(written, folder.get_tensor("vision_model." + name))  # the folder's, as their loader
+        assert torch.equal(written, weights[TOWER_SOURCE + name]) == (changed is None)
 
 
 def test_unrecognised_sources_stop_with_one_line_naming_what(tmp_path, capsys):
