@@ -175,6 +175,9 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         "embed": {"device": given.get("device")},
     }
     values = merge(base, flags)
+    for key in ("output", "input", "image_root", "model", "embeddings", "previous", "compare_with"):
+        if values.get(key):
+            values[key] = io.absolute(values[key])
     if not values.get("output"):
         raise ConfigError("--output is required (or output: in the config file)")
     if io.is_file(values["output"]):

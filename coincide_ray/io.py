@@ -74,6 +74,12 @@ def resolve(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (`~` expanded), so that Ray workers, whose working folder
+    is not the driver's, read the same files; URIs (s3://, file://) as they are."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
 

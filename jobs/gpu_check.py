@@ -149,7 +149,7 @@ def main() -> int:
     flops = forward_flops(shape, tokens)
 
     # The pipeline: Ray Data, the model actor on the device, files written.
-    ray.init(num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     written: list[float] = []
     run_embed(config, progress=lambda message: written.append(time.perf_counter()) if "written" in message else None)

@@ -5,6 +5,7 @@ the model actors only ever receive ready tensors."""
 from __future__ import annotations
 
 import io as _io
+import re
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -157,7 +158,13 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def one_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+    """The error as one short line, without object addresses (`<_io.BytesIO object at
+    0x7f...>`): a rejection's detail must be the same on every run."""
+    text = ADDRESS.sub("", " ".join(str(error).split()))
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def eight_bit(image: Image.Image) -> Image.Image:

@@ -29,11 +29,12 @@ from coincide_ray import io, schema
 from coincide_ray.config import EmbedConfig, JobConfig
 from coincide_ray.embed import model as model_io
 from coincide_ray.embed.msa import default_layers, extract_msa_embeddings
-from coincide_ray.embed.preprocess import STAGE, PreparedBlock, Preprocessor, block_signature, fingerprint_block
+from coincide_ray.embed.preprocess import (STAGE, PreparedBlock, Preprocessor, block_signature, decode_image,
+                                           fingerprint_block, rejection)
 from coincide_ray.embed.reuse import PreviousVectors, fetch_vectors, run_salt
 from coincide_ray.holds import hold, hold_point, release_file
 from coincide_ray.manifest import library_versions, mark_in_progress
-from coincide_ray.records import Record, Rejection, accepted_records
+from coincide_ray.records import Record, RecordProblem, Rejection, accepted_records
 
 
 MODEL_FAILED = "model failed"  # the one rejection that can pass (a GPU out of memory): never reused
@@ -520,10 +521,19 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
     embedded = reused_previous = truncated = 0
     reused_here = sum(check["records"] - check["rejected"] for check in unchanged.values())
     plan = None
+    publish = Publish(out, config.embed.vector_dtype, hold_point("embed-model"), hold_point("embed-block"),
+                      release_file())
+    previous = reusable_previous(config, made, progress) if pending else None
+    if previous is not None:
+        previous = ray.put(previous)  # sent once to every CPU worker
+        whole = reuse_whole_blocks(pending, blocks, config.image_root, salt, config.embed.max_image_pixels, previous,
+                                   publish)
+        if whole:
+            reused_previous += sum(summary["reused"] for summary in whole.values())
+            pending = [i for i in pending if i not in whole]
+            progress(f"embed: {len(whole)} block(s) copied whole from {config.previous}, no model needed; "
+                     f"{len(pending)} left for the model")
     if pending:
-        previous = reusable_previous(config, made, progress)
-        if previous is not None:
-            previous = ray.put(previous)  # sent once to every CPU worker
         pool = plan_pool(config.embed, len(pending))
         progress(f"embed: model on {pool.device.upper()}: {pool_text(pool)}")
         waited = wait_for(pool.wanted(), config.embed.wait_for_resources_s,
@@ -536,8 +546,6 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
         ds = ds.map(PrepareWorker, fn_constructor_args=(config.model, config.embed, config.image_root, salt, previous),
                     compute=ray.data.ActorPoolStrategy(min_size=pool.preparers[0], max_size=pool.preparers[1]),
                     num_cpus=1)
-        publish = Publish(out, config.embed.vector_dtype, hold_point("embed-model"), hold_point("embed-block"),
-                          release_file())
         ds = ds.map(ModelWorker, fn_constructor_args=(config.model, config.embed, config.layers, pool.threads, publish),
                     compute=ray.data.ActorPoolStrategy(min_size=pool.actors[0], max_size=pool.actors[1]),
                     num_gpus=pool.gpus, num_cpus=0 if pool.gpus else 1)
@@ -560,6 +568,45 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
     io.write_json({"parts": listing, "records": records}, io.join(out, schema.EMBEDDINGS_DONE_PATH))
     return EmbedResult(len(blocks), len(unchanged), records, embedded, reused_here, reused_previous, truncated,
                        time.perf_counter() - start, plan)
+
+
+def reuse_block(row: dict, image_root: str | None, salt: str, max_image_pixels: int, previous,
+                publish: Publish) -> dict:
+    """Publish the block from --previous's vectors alone when every record of it either has
+    a vector there or is rejected before the model (its image does not decode), as the
+    model pipeline would reject it; else say it was not written. A CPU task: images fetched,
+    hashed and, where needed, decoded; no model."""
+    if isinstance(previous, ray.ObjectRef):
+        previous = ray.get(previous)
+    items = row["items"]
+    fetched = fingerprint_block(items, image_root, salt)
+    found = {}
+    for position, fingerprint in fetched.fingerprints.items():
+        found[position] = previous.find(fingerprint, items[position].id)
+        if found[position] is None and fetched.images[position] is not None:
+            try:
+                decode_image(fetched.images[position], max_image_pixels)
+            except RecordProblem as problem:
+                fetched.rejected[position] = rejection(items[position], problem)
+                del found[position]
+                continue
+        if found[position] is None:
+            return {"block": row["block"], "written": False}
+    n = len(items)
+    result = EmbeddedBlock(row["block"], [item.id for item in items], [None] * n, np.zeros(n, np.int32),
+                           np.zeros(n, np.int32), fetched.rejected, fetched.fingerprints, found, [])
+    return {**write_block(result, publish), "written": True}
+
+
+def reuse_whole_blocks(pending: list[int], blocks: list, image_root: str | None, salt: str, max_image_pixels: int,
+                       previous, publish: Publish) -> dict[int, dict]:
+    """{block: write_block's counts} of the pending blocks --previous covers whole: written
+    by CPU tasks, so an unchanged night starts no model actor. The blocks left go to the
+    model pipeline, which fetches their images again."""
+    ds = ray.data.from_items([{"block": i, "items": blocks[i]} for i in pending], override_num_blocks=len(pending))
+    ds = ds.map(reuse_block, fn_kwargs={"image_root": image_root, "salt": salt, "max_image_pixels": max_image_pixels,
+                                        "previous": previous, "publish": publish}, num_cpus=0.25)
+    return {row["block"]: row for row in ds.iter_rows() if row["written"]}
 
 
 def reusable_previous(config: JobConfig, made: dict, progress) -> PreviousVectors | None:

@@ -69,7 +69,7 @@ def main() -> int:
         extract_msa_embeddings(loaded.model, batch.inputs, chosen)
     bare = records / (time.perf_counter() - start)
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
     written: list[float] = []  # when each block's file was published
 
     def progress(message: str) -> None:

@@ -79,7 +79,7 @@ def main() -> int:
     cpus = os.cpu_count()
     iterations = args.iterations or (5 if args.quick else 20)
     machine(faiss=faiss.__version__, iterations=iterations, quick=args.quick)
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     sizes = [(5_000, 32, 50)] if args.quick else [(100_000, 256, 1000), (200_000, 256, 1000), (400_000, 256, 1000)]
     for n, d, k in sizes:
         one_size(n, d, k, iterations, workers=cpus, quick=args.quick)

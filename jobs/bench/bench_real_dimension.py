@@ -73,7 +73,7 @@ def watch():  # each shard worker's high-water mark, and its largest private (an
                 continue
         stop.wait(0.2)
 
-ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
 watcher = threading.Thread(target=watch, daemon=True)
 watcher.start()
 k = max(8, round(n / 66.5))

@@ -37,7 +37,7 @@ for part, start in enumerate(range(0, n, part_rows)):
     x, _ = planted_embeddings(rows, num_layers=layers, hidden=hidden, groups=64, seed=part)
     pq.write_table(schema.embeddings_table([f"r{start + i}" for i in range(rows)], x),
                    f"{folder}/emb/part-{part:06d}.parquet")
-ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
 k = max(8, n // 665)
 config = JobConfig(output=f"{folder}/out", embeddings=f"{folder}/emb", layers=tuple(range(layers)),
                    cluster=ClusterConfig(clusters=k, iterations=iterations), select=SelectConfig(fraction=0.2))

@@ -48,7 +48,7 @@ def watch():
         samples.append((now, row))
         stop.wait(0.2)
 
-ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
 threading.Thread(target=watch, daemon=True).start()
 config = JobConfig(output=f"{folder}/out", embeddings=f"{folder}/emb", layers=tuple(range(5)),
                    cluster=ClusterConfig(clusters=max(8, round(n / 66.5)), iterations=5),

@@ -189,3 +189,24 @@ def test_hostile_records_end_in_the_accounting_and_selected_json(tmp_path, tiny_
     assert chosen["sep"]["conversations"][0]["value"] == "a\u2028b\u2029c"
     assert chosen["pq1"]["conversations"] == turns and chosen["pq1"]["when"] == "2026-01-02T03:04:00"
     assert chosen["pq1"]["blob"] == "AQI="
+
+
+def test_the_same_corpus_by_another_path_spelling_reuses_every_block(tmp_path, tiny_model, capsys, monkeypatch):
+    # reuse is keyed by ids, fingerprints and reasons: never by how the input path was typed,
+    # which the rejected records' details name (the broken records sit in the last block)
+    base = str(tmp_path)
+    write_corpus(io.join(base, "corpus", "records.json"), io.join(base, "corpus"), 12, seed=6)
+    out = io.join(base, "out")
+    assert main(run_args(base, tmp_path, tiny_model, out)) == 0
+    parts = {p: os.stat(os.path.join(out, "embeddings", p)).st_mtime_ns
+             for p in os.listdir(os.path.join(out, "embeddings")) if p.endswith(".parquet")}
+    os.symlink(tmp_path / "corpus", tmp_path / "dated-copy")  # the same files under another name
+    monkeypatch.chdir(tmp_path)  # and relative paths: the driver makes them absolute for the workers
+    relative = ["run", "--input", "dated-copy/records.json", "--image-root", "./dated-copy/", "--model", tiny_model,
+                "--output", "out", "--layers", "1,3", "--clusters", "3", "--iterations", "4", "--fraction", "0.4",
+                "--config", job_yaml(tmp_path, "job", block_records=4, batch_size=2)]
+    capsys.readouterr()
+    assert main(relative) == 0
+    err = capsys.readouterr().err
+    assert f"{len(parts)} finished and unchanged, 0 to embed" in err
+    assert {p: os.stat(os.path.join(out, "embeddings", p)).st_mtime_ns for p in parts} == parts

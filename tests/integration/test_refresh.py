@@ -4,7 +4,6 @@ recomputes new and changed ones, drops removed ones and reports the selection di
 import importlib.util
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ from test_embed_stage import embeddings_by_id, job_yaml
 
 from coincide_ray import io, schema
 from coincide_ray.cli import main
-from coincide_ray.toy.corpus import write_corpus
+from coincide_ray.toy.corpus import BROKEN_REASONS, write_corpus
 
 
 def flags(base, tmp_path, corpus, name):
@@ -101,7 +100,7 @@ def test_a_backfill_never_moves_latest_back_and_a_broken_previous_run_is_passed_
     write_corpus(io.join(base, "c", "records.json"), io.join(base, "c"), 6, seed=2, broken=False)
     root = io.join(base, "nightly")
     latest = io.join(root, "latest.json")
-    run = {d: io.join(root, "runs", d) for d in ("2026-11-30", "2026-12-02", "2026-12-03", "2026-12-04")}
+    run = {d: io.join(root, "runs", d) for d in ("2026-11-30", "2026-12-02", "2026-12-03")}
     assert nightly(base, tmp_path, tiny_model, "c", "2026-12-02") == 0
     capsys.readouterr()
 
@@ -124,15 +123,7 @@ def test_a_backfill_never_moves_latest_back_and_a_broken_previous_run_is_passed_
     assert f"previous run: {run['2026-11-30']}" in err
     assert io.read_json(io.join(run["2026-12-03"], schema.MANIFEST_PATH))["diff"]["previous"] == run["2026-11-30"]
     assert io.read_json(latest)["run"] == run["2026-12-03"]
-
-    # a run marked in progress (stopped mid-update) is passed over too; with nothing usable, none
-    io.write_json({"started": "now"}, io.join(run["2026-12-03"], schema.IN_PROGRESS_PATH))
-    shutil.rmtree(run["2026-11-30"])
-    assert nightly(base, tmp_path, tiny_model, "c", "2026-12-04") == 0
-    err = capsys.readouterr().err
-    assert "marked in progress" in err and "no usable earlier run" in err
-    assert "diff" not in io.read_json(io.join(run["2026-12-04"], schema.MANIFEST_PATH))
-    assert not io.exists(io.join(run["2026-12-04"], schema.IN_PROGRESS_PATH))  # cleared once finished
+    assert not io.exists(io.join(run["2026-12-03"], schema.IN_PROGRESS_PATH))  # cleared once finished
 
 
 def test_usable_runs_are_judged_by_their_files_on_s3(s3_endpoint):
@@ -153,6 +144,11 @@ def test_usable_runs_are_judged_by_their_files_on_s3(s3_endpoint):
     said = []
     assert night.choose_previous(root, "2026-12-03", said.append) == done
     assert len(said) == 2 and "cannot be used" in said[0]
+    # a finished run marked in progress (a later attempt stopped mid-update) is passed over too
+    io.write_json({"started": "now"}, io.join(done, schema.IN_PROGRESS_PATH))
+    said.clear()
+    assert night.choose_previous(root, "2026-12-03", said.append) is None
+    assert "marked in progress" in said[1] and "no usable earlier run" in said[-1]
     with pytest.raises(ValueError, match="YYYY-MM-DD"):
         night.check_date("12/03/2026")
 
@@ -178,3 +174,24 @@ def test_reuse_is_counted_by_where_it_came_from(tmp_path, tiny_model, capsys):
     counts = io.read_json(io.join(second, schema.MANIFEST_PATH))["counts"]
     assert counts["embedded"] == 0 and counts["reused_from_previous"] == 0
     assert counts["reused_from_this_output"] == counts["reused"] == len(records)
+
+
+def test_an_unchanged_night_starts_no_model_actor(tmp_path, tiny_model, capsys):
+    base = str(tmp_path)
+    records = write_corpus(io.join(base, "c", "records.json"), io.join(base, "c"), 10, seed=8)  # broken ones too
+    first, second = io.join(base, "first"), io.join(base, "second")
+    assert main(["run", "--model", tiny_model, "--output", first, *flags(base, tmp_path, "c", "a")]) == 0
+    capsys.readouterr()
+    assert main(["run", "--model", tiny_model, "--output", second, "--previous", first,
+                 *flags(base, tmp_path, "c", "a")]) == 0
+    err = capsys.readouterr().err
+    assert "copied whole from" in err and "model on" not in err  # no model pool was planned or started
+    manifest = io.read_json(io.join(second, schema.MANIFEST_PATH))
+    accepted = manifest["counts"]["records"] - manifest["counts"]["rejected"]
+    assert manifest["counts"]["embedded"] == 0 and manifest["counts"]["reused_from_previous"] == accepted
+    assert manifest["resources"]["embed"] is None
+    before, after = embeddings_by_id(first), embeddings_by_id(second)
+    assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before)
+    assert manifest["counts"]["records"] == len(records)
+    rejected = io.read_parquet(io.join(second, schema.REJECTED_PATH)).to_pydict()
+    assert dict(zip(rejected["sample_id"], rejected["reason"])) == BROKEN_REASONS  # rejected without the model too

@@ -41,7 +41,8 @@ def test_select_writes_the_contract(storage):
     assert summary["quota"] == list(core.clusters.quota)
     assert sum(selection[schema.SELECTED]) == int(0.25 * len(accepted_rows)) == manifest["health"]["budget"]
     assert manifest["counts"] == {"records": len(ids), "rejected": 3, "selected": len(core.selected),
-                                  "embedded": 0, "reused": 0, "truncated": 0}
+                                  "embedded": 0, "reused": 0, "reused_from_this_output": 0,
+                                  "reused_from_previous": 0, "truncated": 0}
     assert manifest["health"]["rejected_by_reason"]["duplicate sample_id"] == 1
 
 

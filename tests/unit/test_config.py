@@ -61,10 +61,17 @@ def run_cli(argv, capsys):
     return code, capsys.readouterr().err.strip().splitlines()
 
 
-def test_checkable_flags_are_refused_in_one_line_before_ray_starts(tmp_path, capsys):
-    import ray
-
+def test_checkable_flags_are_refused_in_one_line_before_ray_starts(tmp_path, capsys, monkeypatch):
+    from coincide_ray import cli
     from coincide_ray.toy.corpus import write_corpus
+
+    started = []
+
+    def start_ray(address=None):  # a spy: every case must be refused before it gets here
+        started.append(address)
+        raise RuntimeError("Ray was started")
+
+    monkeypatch.setattr(cli, "start_ray", start_ray)
 
     write_corpus(str(tmp_path / "c" / "records.json"), str(tmp_path / "c"), 2, seed=1, broken=False)
     model = tmp_path / "model"
@@ -85,7 +92,7 @@ def test_checkable_flags_are_refused_in_one_line_before_ray_starts(tmp_path, cap
     assert code == 2 and len(err) == 1 and "--input" in err[0] and "typo.json" in err[0]
     code, err = run_cli(["select", "--embeddings", str(tmp_path / "none"), "--output", str(tmp_path / "o2")], capsys)
     assert code == 2 and len(err) == 1 and "--embeddings" in err[0]
-    assert not ray.is_initialized()  # refused before Ray starts
+    assert not started  # refused before Ray starts
     assert not (tmp_path / "out").exists() and not (tmp_path / "o2").exists()
 
 

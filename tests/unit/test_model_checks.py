@@ -23,14 +23,24 @@ def weights_file(folder):
 
 
 def refused(tmp_path, model, capsys):
-    import ray
+    from coincide_ray import cli
 
-    write_corpus(str(tmp_path / "c" / "records.json"), str(tmp_path / "c"), 2, seed=1, broken=False)
-    code = main(["embed", "--input", str(tmp_path / "c" / "records.json"), "--image-root", str(tmp_path / "c"),
-                 "--model", str(model), "--output", str(tmp_path / "out"), "--layers", "1"])
+    started = []
+
+    def start_ray(address=None):  # a spy: the run must be refused before it gets here
+        started.append(address)
+        raise RuntimeError("Ray was started")
+
+    original, cli.start_ray = cli.start_ray, start_ray
+    try:
+        write_corpus(str(tmp_path / "c" / "records.json"), str(tmp_path / "c"), 2, seed=1, broken=False)
+        code = main(["embed", "--input", str(tmp_path / "c" / "records.json"), "--image-root", str(tmp_path / "c"),
+                     "--model", str(model), "--output", str(tmp_path / "out"), "--layers", "1"])
+    finally:
+        cli.start_ray = original
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "Traceback" not in err[0], err[-5:]
-    assert not ray.is_initialized() and not (tmp_path / "out").exists()
+    assert not started and not (tmp_path / "out").exists()  # refused before Ray starts, nothing written
     return err[0]
 
 
