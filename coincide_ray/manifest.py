@@ -92,6 +92,9 @@ class OutputBusy(RuntimeError):
 
 
 _beating: dict[str, threading.Event] = {}
+# Held while a lease is written or removed: a heartbeat that woke just before its run ended
+# must not write the mark back after clear_in_progress removed it.
+_lease_lock = threading.Lock()
 
 
 def mark_in_progress(output: str) -> None:
@@ -125,10 +128,13 @@ def write_lease(marker: str, lease: dict) -> None:
 
 def heartbeat(marker: str, lease: dict, stop: threading.Event) -> None:
     while not stop.wait(HEARTBEAT_S):
-        try:
-            write_lease(marker, lease)
-        except Exception:  # a missed beat: the next one may pass; staleness takes minutes
-            pass
+        with _lease_lock:
+            if stop.is_set():
+                return
+            try:
+                write_lease(marker, lease)
+            except Exception:  # a missed beat: the next one may pass; staleness takes minutes
+                pass
 
 
 def lease_is_live(holder: dict) -> bool:
@@ -146,14 +152,16 @@ def lease_is_live(holder: dict) -> bool:
 def stop_heartbeats() -> None:
     """Stop rewriting every lease this process holds (the run ended, finished or not); the
     marks stay where a run did not finish."""
-    while _beating:
-        _beating.popitem()[1].set()
+    with _lease_lock:
+        while _beating:
+            _beating.popitem()[1].set()
 
 
 def clear_in_progress(output: str) -> None:
-    stop = _beating.pop(output, None)
-    if stop is not None:
-        stop.set()
-    marker = io.join(output, schema.IN_PROGRESS_PATH)
-    if io.exists(marker):
-        io.remove(marker)
+    with _lease_lock:
+        stop = _beating.pop(output, None)
+        if stop is not None:
+            stop.set()
+        marker = io.join(output, schema.IN_PROGRESS_PATH)
+        if io.exists(marker):
+            io.remove(marker)

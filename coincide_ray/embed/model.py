@@ -281,8 +281,9 @@ def context_length(folder: str, trust_remote_code: bool = False) -> int:
     (0 when neither says)."""
     from transformers import AutoConfig
 
-    if recipe(folder).get("context_tokens"):
-        return int(recipe(folder)["context_tokens"])
+    given = recipe(folder).get("context_tokens")
+    if given:
+        return int(given)
 
     text = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code).get_text_config()
     return int(getattr(text, "max_position_embeddings", 0) or 0)

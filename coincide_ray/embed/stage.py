@@ -88,7 +88,7 @@ class ModelWorker:
     travel through the object store."""
 
     def __init__(self, model_uri: str, embed: EmbedConfig, layers: tuple[int, ...], threads: int,
-                 publish: Publish | None = None):
+                 publish: Publish | None = None):  # None: embed_block only (no part files)
         import torch
 
         self.publish = publish
@@ -498,8 +498,9 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
     out = config.output
     config, hidden = resolve_layers(config)
     model_io.load_processor(config.model, config.embed)  # a broken checkpoint fails here, before any write
-    mark_in_progress(out)
     made = check_provenance(config, hidden, out)
+    # after the provenance check: an output refused for another model stays as it was, unmarked
+    mark_in_progress(out)
     dimension = 2 * len(config.layers) * hidden
     salt = run_salt(made["model_fingerprint"], config.layers, config.embed.max_image_pixels)
     progress(f"embed: model {config.model}, layers {list(config.layers)}, dimension {dimension}")

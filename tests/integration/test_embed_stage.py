@@ -143,6 +143,7 @@ def test_changed_model_is_not_mixed_into_old_shards(tmp_path, tiny_model, ray_se
     other = build_tiny_checkpoint(tmp_path / "other-model", "llava", layers=6, seed=5)
     assert main(args + ["--model", str(other)]) == 2
     assert "made with other model_fingerprint" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out" / schema.IN_PROGRESS_PATH)  # refused: the output is left as it was
 
 
 @pytest.mark.parametrize("family", ["idefics3", "llava-next"])
