@@ -43,14 +43,12 @@ def why_unusable(run: str) -> str | None:
         return f"it has no {schema.EMBEDDINGS_DONE_PATH}"
     try:
         listed = io.read_json(done).get("parts", [])
-        present = set()
-        try:
-            present = {uri.rsplit("/", 1)[-1] for uri in io.list_files(io.join(run, schema.EMBEDDINGS_DIR),
-                                                                        (".parquet",))}
-        except FileNotFoundError:
-            pass
     except (ValueError, OSError) as error:
         return f"its {schema.EMBEDDINGS_DONE_PATH} cannot be read ({type(error).__name__})"
+    try:  # one listing, not a request per part file
+        present = {uri.rsplit("/", 1)[-1] for uri in io.list_files(io.join(run, schema.EMBEDDINGS_DIR), (".parquet",))}
+    except FileNotFoundError:
+        present = set()
     missing = [name for name in listed if name not in present]
     if missing:
         return f"{len(missing)} of its {len(listed)} embeddings part files are gone (first: {missing[0]})"

@@ -20,6 +20,7 @@ stored layers only, so the same features are `vision_feature_layer = -1` there.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import os
@@ -212,20 +213,21 @@ def _take_tower(tensors: dict, uri: str, cache: str, say) -> str:
         raise ConvertError(f"--vision-tower {uri}: no {TOWER_FOLDER_PREFIX}{missing[0][len(SOURCE_TOWER):]} "
                            f"(and {len(missing) - 1} more tensors of the source's tower)")
     largest, differing = 0.0, 0
-    for name in ours:
-        rest = name[len(SOURCE_TOWER):]
-        with safe_open(str(theirs[rest]), framework="pt") as handle:
-            tower_tensor = handle.get_tensor(TOWER_FOLDER_PREFIX + rest)
-        with safe_open(str(tensors[name][0]), framework="pt") as handle:
-            copy = handle.get_tensor(tensors[name][3])
-        if tuple(tower_tensor.shape) != tuple(copy.shape):
-            raise ConvertError(f"--vision-tower {uri}: {TOWER_FOLDER_PREFIX}{rest} has shape "
-                               f"{list(tower_tensor.shape)}, the source's copy {list(copy.shape)}")
-        if not (tower_tensor.dtype == copy.dtype and torch.equal(tower_tensor, copy)):
-            differing += 1
-            largest = max(largest, float((tower_tensor.float() - copy.float()).abs().max()))
-        tensors[name] = (theirs[rest], tuple(tower_tensor.shape),
-                         tower_tensor.element_size() * tower_tensor.numel(), TOWER_FOLDER_PREFIX + rest)
+    with contextlib.ExitStack() as files:  # each file opened once, not once per tensor
+        opened = {path: files.enter_context(safe_open(str(path), framework="pt"))
+                  for path in {*theirs.values(), *(tensors[name][0] for name in ours)}}
+        for name in ours:
+            rest = name[len(SOURCE_TOWER):]
+            tower_tensor = opened[theirs[rest]].get_tensor(TOWER_FOLDER_PREFIX + rest)
+            copy = opened[tensors[name][0]].get_tensor(tensors[name][3])
+            if tuple(tower_tensor.shape) != tuple(copy.shape):
+                raise ConvertError(f"--vision-tower {uri}: {TOWER_FOLDER_PREFIX}{rest} has shape "
+                                   f"{list(tower_tensor.shape)}, the source's copy {list(copy.shape)}")
+            if not (tower_tensor.dtype == copy.dtype and torch.equal(tower_tensor, copy)):
+                differing += 1
+                largest = max(largest, float((tower_tensor.float() - copy.float()).abs().max()))
+            tensors[name] = (theirs[rest], tuple(tower_tensor.shape),
+                             tower_tensor.element_size() * tower_tensor.numel(), TOWER_FOLDER_PREFIX + rest)
     if differing:
         say(f"convert: vision tower from {uri}: it differs from the copy inside the source's model.safetensors in "
             f"{differing} of {len(ours)} tensors (largest difference {largest:.3g}, dtypes included); the tower "
