@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "without either, a new local Ray is started)")
     common.add_argument("--dry-run", action="store_true",
                         help="print the plan (stages, records, work, memory) and write nothing")
+    common.add_argument("--verbose", action="store_true",
+                        help="also show Ray Data's own progress table (also: COINCIDE_RAY_DATA_PROGRESS=1)")
     common.add_argument("--calibrate", type=int, metavar="N", default=0,
                         help="with --dry-run: embed N records here to measure samples/s and project the total")
     sources = argparse.ArgumentParser(add_help=False)
@@ -227,6 +229,20 @@ def start_ray(address: str | None = None) -> bool:
     return True
 
 
+def show_ray_data_progress(show: bool) -> None:
+    """Ray Data's operator table on or off. Off by default: under `ray job submit` or any
+    non-interactive stdout it is logged as a 12-line table every few seconds, which buries
+    our own line per block."""
+    import logging
+
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = show
+    if not show:  # nor its three lines per dataset (started, plan, finished), nor the one saying bars are off
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
 class Stopped(BaseException):
     """SIGINT or SIGTERM arrived (Ctrl-C, a scheduler, `ray job stop`). A BaseException, as
     KeyboardInterrupt is: no `except Exception` on the way (Ray Data's among them) logs it
@@ -265,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(line)
             return 0
         started = start_ray(args.address)
+        show_ray_data_progress(args.verbose or os.environ.get("COINCIDE_RAY_DATA_PROGRESS") == "1")
         handlers = on_stop_signals()
         try:
             run_stages(args, config)

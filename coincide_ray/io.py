@@ -9,6 +9,7 @@ StorageError naming the object. A missing object or a refused permission is not 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -16,7 +17,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import fsspec
@@ -118,8 +119,7 @@ def digest(uri: str) -> str:
         tag = str(info.get("ETag") or info.get("etag") or "").strip('"')
         return f"etag:{tag}" if tag else "sha256:" + hashlib.sha256(read_bytes(uri)).hexdigest()
     stat = os.stat(path)
-    key = f"{os.path.realpath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0{stat.st_ino}"
-    remembered = os.path.join(digest_cache_folder(), hashlib.sha256(key.encode()).hexdigest())
+    remembered = _digest_key(path, stat)
     try:
         with open(remembered) as f:
             return f.read()
@@ -130,18 +130,41 @@ def digest(uri: str) -> str:
         for block in iter(lambda: f.read(8 * 2**20), b""):
             content.update(block)
     value = "sha256:" + content.hexdigest()
+    _remember(remembered, value)
+    return value
+
+
+def _digest_key(path: str, stat: os.stat_result) -> str:
+    key = f"{os.path.realpath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0{stat.st_ino}"
+    name = hashlib.sha256(key.encode()).hexdigest()
+    return os.path.join(digest_cache_folder(), name[:2], name)  # 256 folders: millions of images stay listable
+
+
+def _remember(remembered: str, value: str) -> None:
     try:
         write_bytes(remembered, value.encode())
     except OSError:  # a read-only home: digests are then recomputed, never wrong
         pass
-    return value
 
 
-def read_under(root: str, relative: str) -> bytes:
-    """The bytes of `relative` under `root`. Locally the real path is checked first: a
+def version(uri: str) -> str:
+    """What changes whenever the file's content may have: the ETag and size on an object
+    store; locally size, mtime, ctime and inode (any write changes ctime). Unlike digest it
+    never reads the file."""
+    fs, path = resolve(uri)
+    if not isinstance(fs, LocalFileSystem):
+        info = retried(uri, "checking", lambda: fs.info(path))
+        tag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+        return f"etag:{tag}:{info.get('size')}" if tag else digest(uri)
+    stat = os.stat(path)
+    return f"stat:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}"
+
+
+def under(root: str, relative: str) -> str:
+    """The uri of `relative` under `root`. Locally the real path is checked first: a
     symbolic link (the file's or a folder's) that leads out of the root raises
-    OutsideRootError and nothing outside is read. Object stores have no links; the key
-    was confined to the prefix when the record was parsed (records.confine_image_path)."""
+    OutsideRootError, and a missing file FileNotFoundError. Object stores have no links; the
+    key was confined to the prefix when the record was parsed (records.confine_image_path)."""
     uri = join(root, relative)
     fs, path = resolve(uri)
     if isinstance(fs, LocalFileSystem):
@@ -152,7 +175,33 @@ def read_under(root: str, relative: str) -> bytes:
         if not os.path.exists(real):
             raise FileNotFoundError(uri)
         uri = real
-    return read_bytes(uri)
+    return uri
+
+
+def read_under(root: str, relative: str) -> bytes:
+    return read_bytes(under(root, relative))
+
+
+def read_with_digest(uri: str) -> tuple[bytes, str]:
+    """The file's bytes and its digest (as `digest` gives it) from one read: an object
+    store's ETag comes with the object, a local file's sha256 is remembered for the next
+    `digest` of it."""
+    fs, path = resolve(uri)
+    if isinstance(fs, LocalFileSystem):
+        stat = os.stat(path)
+        data = read_bytes(uri)
+        value = "sha256:" + hashlib.sha256(data).hexdigest()
+        if os.stat(path).st_ctime_ns == stat.st_ctime_ns:  # not rewritten while it was read
+            _remember(_digest_key(path, stat), value)
+        return data, value
+
+    def read() -> tuple[bytes, str]:
+        with fs.open(path, "rb") as f:
+            data = f.read()
+            tag = str((getattr(f, "details", None) or {}).get("ETag") or "").strip('"')
+        return data, (f"etag:{tag}" if tag else "sha256:" + hashlib.sha256(data).hexdigest())
+
+    return retried(uri, "reading", read)
 
 
 def list_files(uri: str, suffixes: tuple[str, ...]) -> list[str]:
@@ -188,6 +237,18 @@ def read_bytes(uri: str) -> bytes:
             return f.read()
 
     return retried(uri, "reading", read)
+
+
+@contextlib.contextmanager
+def open_read(uri: str) -> Iterator[Any]:
+    """The file opened for streamed reading (buffered; an object store reads it in ranged
+    GETs, each retried by s3fs)."""
+    fs, path = resolve(uri)
+    f = retried(uri, "opening", lambda: fs.open(path, "rb", block_size=8 * 2**20))
+    try:
+        yield f
+    finally:
+        f.close()
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -253,6 +314,11 @@ def json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
 
 
+def json_text(obj: Any) -> bytes:
+    """One value as compact JSON in UTF-8; a lone surrogate is kept as it came."""
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass")
+
+
 def parquet_from_bytes(data: bytes) -> pa.Table:
     return pq.read_table(pa.BufferReader(data))
 
@@ -292,6 +358,18 @@ def read_parquet_batches(uri: str, batch_rows: int = 1024) -> tuple[pa.Schema, l
             return parquet.schema_arrow, list(parquet.iter_batches(batch_size=batch_rows))
 
     return _parquet_call(uri, read)
+
+
+def iter_parquet(uri: str, batch_rows: int = 1024) -> Iterator[pa.RecordBatch]:
+    """The file's record batches, one at a time (memory: one batch, not the file)."""
+    fs, path = resolve(uri)
+    with open_read(uri) as f:
+        try:
+            parquet = pq.ParquetFile(f, buffer_size=8 * 2**20, pre_buffer=False)
+            yield from parquet.iter_batches(batch_size=batch_rows)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+            first = " ".join(str(error).split())[:200]
+            raise InputFormatError(f"{uri} is not a readable Parquet file ({first})") from None
 
 
 def read_parquet_rows(uri: str, rows: np.ndarray, columns: list[str], batch_rows: int = 512) -> pa.Table:

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from coincide_ray import io, schema
+from coincide_ray import io, record_shards, schema
 from coincide_ray.config import JobConfig
 from coincide_ray.manifest import (clear_in_progress, cluster_warnings, command_line, fingerprint, health,
                                    library_versions, mark_in_progress)
@@ -50,19 +50,44 @@ class EmbedStats:
     reused_previous: int = 0  # vectors copied from --previous
 
 
-def selected_records_json(input_uri: str, subsets: dict[str, set[str]]) -> dict[str, tuple[bytes, int]]:
-    """Per subset (name -> selected ids): the selected original records, unchanged, in
+def selected_records_json(corpus, block_records: int, subsets: dict[str, set[str]]) -> dict[str, tuple[bytes, int]]:
+    """Per subset (name -> selected ids): the selected records as the input holds them, in
     canonical order, as one JSON list, and how many; for an id with several copies, the copy
-    that was accepted (records.accepted_records). The records are read once for all subsets."""
-    from coincide_ray.records import Record, accepted_records
+    that was accepted. Ray tasks read the record shards, block by block; the driver joins
+    their pieces and never parses a record."""
+    names = list(subsets)
+    pieces = record_shards.map_blocks(corpus, block_records, selected_texts, [record_shards.KeySet(subsets[n]) for n in names])
+    out = {}
+    for k, name in enumerate(names):
+        texts = [text for piece in pieces for text in piece[k]]
+        out[name] = (b"[\n" + b",\n".join(texts) + b"\n]\n" if texts else b"[]\n", len(texts))
+    return out
 
-    chosen: dict[str, list] = {name: [] for name in subsets}
-    for _, raw, item in accepted_records(input_uri):
-        if isinstance(item, Record):
-            for name, ids in subsets.items():
-                if item.id in ids:
-                    chosen[name].append(raw)
-    return {name: (io.json_bytes(records), len(records)) for name, records in chosen.items()}
+
+def input_corpus(config: JobConfig, progress: Progress):
+    """The input's record shards under the output (made by the embed stage when it ran here;
+    made now, or brought up to date, otherwise)."""
+    return record_shards.prepare(config.input, config.output, config.embed.block_records, progress, record_shards.ray_task())
+
+
+def selected_texts(row: dict, keysets: list) -> list[list[bytes]]:
+    """For one block: per key set, the JSON text of each accepted record whose id it holds."""
+    from coincide_ray.records import Record
+
+    pairs = [(item, text) for item, text in record_shards.raw_texts(row) if isinstance(item, Record)]
+    ids = [item.id for item, _ in pairs]
+    return [[pairs[i][1] for i in np.flatnonzero(keys.holds(ids))] for keys in keysets]
+
+
+def gallery_lookup(corpus, block_records: int) -> Callable[[set[str]], dict[str, dict]]:
+    """{id: raw record} of the few ids the report's gallery shows, read by Ray tasks."""
+    from coincide_ray.report import block_records_of
+
+    def lookup(wanted: set[str]) -> dict[str, dict]:
+        pieces = record_shards.map_blocks(corpus, block_records, block_records_of, record_shards.KeySet(wanted))
+        return dict(pair for piece in pieces for pair in piece)
+
+    return lookup
 
 
 def recorded_provenance(embeddings: str) -> dict | None:
@@ -235,7 +260,7 @@ def rebudget(config: JobConfig, keys: StageKeys, clusters: Clusters, prior: Fini
 
 
 def selection_outputs(config: JobConfig, keys: StageKeys, clusters: Clusters, shards: LazyShards,
-                      prior: Finished | None, progress: Progress) -> dict[str, bytes]:
+                      prior: Finished | None, corpus, progress: Progress) -> dict[str, bytes]:
     """Score, budget and rank: the select stage's files, from the previous rankings when
     they serve (a new budget), else from the embeddings on the shard workers."""
     from coincide_ray.select.stage import select_on_ray
@@ -268,8 +293,8 @@ def selection_outputs(config: JobConfig, keys: StageKeys, clusters: Clusters, sh
     }
     subsets = {schema.SELECTED_RECORDS_PATH: {ids[i] for i in selection.selected}}
     subsets.update(strategy_outputs(config, clusters, selection, outputs, progress))
-    if config.input:
-        for path, (data, written) in selected_records_json(config.input, subsets).items():
+    if corpus is not None:
+        for path, (data, written) in selected_records_json(corpus, config.embed.block_records, subsets).items():
             outputs[path] = data
             progress(f"writing {written} selected records to {io.join(config.output, path)}")
     return outputs
@@ -400,6 +425,7 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
     timings: dict[str, float] = {"embed": embed.seconds} if embed else {}
     shards = LazyShards(config, files, made["dimension"] if made else None, progress)
     mark_in_progress(out)
+    corpus = input_corpus(config, progress) if config.input else None  # where the records are read from
     try:
         start = time.perf_counter()
         clusters = cluster_stage(config, keys.cluster, shards, progress, init)
@@ -410,7 +436,7 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
             progress(f"selection already finished under {out}: reused")
             outputs, digests = prior.files, prior.digests
         else:
-            outputs = selection_outputs(config, keys, clusters, shards, prior, progress)
+            outputs = selection_outputs(config, keys, clusters, shards, prior, corpus, progress)
             digests = publish(out, "select", keys.select, outputs, {"rank_key": keys.rank, "transfer_key": keys.transfer})
         remove_stale_strategies(out, outputs)
         timings["select"] = time.perf_counter() - start - (shards.seconds - read)
@@ -456,7 +482,12 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
     if config.label_fields and config.input:
         masks = {strategy: table.column(schema.SELECTED).to_numpy(zero_copy_only=False)
                  for strategy, table in strategy_tables.items()}
-        labels = label_figures(config.input, list(config.label_fields), selection, strategies=masks)
+        from coincide_ray.report import block_labels
+
+        fields = list(config.label_fields)
+        pieces = record_shards.map_blocks(corpus, config.embed.block_records, block_labels, fields)
+        labelled = dict(pair for piece in pieces for pair in piece)
+        labels = label_figures(labelled, fields, selection, strategies=masks)
         manifest["labels"] = {k: v for k, v in labels.items() if k != "per_group"}
         warning = label_warning(labels)
         if warning:
@@ -472,7 +503,8 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
     if config.compare_with:
         manifest["compared_with"] = comparison(config.compare_with, manifest)
     report_uri = io.join(out, schema.REPORT_PATH)
-    io.write_bytes(report_uri, render_report(manifest, summary, selection, config.embeddings, config.input,
+    io.write_bytes(report_uri, render_report(manifest, summary, selection, config.embeddings,
+                                             gallery_lookup(corpus, config.embed.block_records) if corpus else None,
                                              config.image_root, labels).encode())
     manifest["paths"]["report"] = schema.REPORT_PATH
     manifest_uri = io.join(out, schema.MANIFEST_PATH)

@@ -9,6 +9,7 @@ model's samples/s on this machine and project the whole corpus from it.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -20,6 +21,9 @@ SAMPLE = 200  # records checked in full (parsed, image found)
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of one H100 SXM
 ASSUMED_MFU = 0.45  # DESIGN.md's planning figure
 LARGEST_CLUSTER_FACTOR = 10  # skew assumed for the largest cluster: 10 x the mean size
+IMPRACTICAL_KMEANS_GPU_HOURS = 8.0  # a k-means fit longer than a night on one GPU
+DRIVER_BYTES_PER_RECORD = 40  # the driver's share per record: id keys (16 B) and their dedup (~24 B), at peak
+DRIVER_BASE_BYTES = 350e6  # the driver process itself (Python, Ray, Arrow) before any record
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,10 @@ def plan(config: JobConfig, command: str, calibrate: int = 0, workers: int = 0) 
         lines.append(f"records: {records}; of the first {checked} checked, {accepted} look usable"
                      + (f" (problems: {', '.join(sorted(set(sample_problems)))})" if sample_problems else ""))
     expected = int(records * accepted / max(min(records, SAMPLE), 1)) if config.input else 0
+    if config.input:
+        lines.append(f"driver memory: ~{gb(DRIVER_BASE_BYTES + DRIVER_BYTES_PER_RECORD * records)} "
+                     f"(records stay in shards under the output; the driver keeps {DRIVER_BYTES_PER_RECORD} "
+                     "bytes a record of id keys)")
 
     if command in ("run", "embed"):
         done = 0
@@ -125,6 +133,18 @@ def plan(config: JobConfig, command: str, calibrate: int = 0, workers: int = 0) 
         driver = k * dim * (8 + 8 + 8 + 4 + 4)
         lines.append(f"k-means memory: rows {gb(rows)} in all; per worker ({workers}) ~{gb(per_worker)}; "
                      f"driver ~{gb(driver)}")
+        sample = config.cluster.sample_fraction or 1.0
+        fit_rows = int(n * sample)
+        flops = 2.0 * fit_rows * k * dim  # one assignment pass: the N x K similarity matmul
+        fit_hours = flops * config.cluster.iterations / (H100_BF16_FLOPS * ASSUMED_MFU) / 3600
+        lines.append(f"k-means work: ~{flops:.2e} FLOP per iteration over {fit_rows} rows"
+                     + (f" (--kmeans-sample {sample:g})" if sample < 1 else "")
+                     + f", ~{fit_hours:.2f} GPU-hours for {config.cluster.iterations} iterations at "
+                     f"{ASSUMED_MFU:.0%} of an H100's bf16 peak")
+        if fit_hours > IMPRACTICAL_KMEANS_GPU_HOURS:
+            lines.append(f"warning: K x N x D = {k} x {fit_rows} x {dim} makes the k-means fit take over "
+                         f"{IMPRACTICAL_KMEANS_GPU_HOURS:g} GPU-hours; fit on a sample with --kmeans-sample "
+                         f"(e.g. {max(0.01, min(1.0, sample * IMPRACTICAL_KMEANS_GPU_HOURS / fit_hours)):.2g})")
         largest = min(n, LARGEST_CLUSTER_FACTOR * n // max(k, 1))
         kernel = largest**2 * 8
         cap = config.select.kernel_memory_mb * 2**20
@@ -145,7 +165,7 @@ def measure(config: JobConfig, count: int) -> float:
     from coincide_ray.embed.model import load_model, local_copy, preprocessing
     from coincide_ray.embed.msa import extract_msa_embeddings
     from coincide_ray.embed.preprocess import Preprocessor
-    from coincide_ray.embed.stage import plan_blocks
+    from coincide_ray.records import accepted_records
 
     loaded = load_model(config.model, config.embed)
     layers = config.layers or default_layers(model_shape(config).depth)
@@ -153,7 +173,7 @@ def measure(config: JobConfig, count: int) -> float:
                        batch_tokens=config.embed.batch_tokens,
                        max_image_pixels=config.embed.max_image_pixels,
                        **preprocessing(local_copy(config.model, config.embed.model_cache)))
-    items = [item for block in plan_blocks(config.input, count) for item in block][:count]
+    items = [item for _, _, item in itertools.islice(accepted_records(config.input), count)]
     batches = pre.prepare(0, items).batches
     done = sum(len(b.positions) for b in batches)
     if not done:

@@ -8,11 +8,13 @@ kept untouched. Records are read in canonical order: files sorted by name, then 
 from __future__ import annotations
 
 import base64
+import codecs
 import datetime
 import decimal
 import json
 import math
 import posixpath
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -67,39 +69,115 @@ class RecordProblem(ValueError):
 
 
 def read_raw_records(uri: str) -> Iterator[tuple[str, dict | Any]]:
-    """(position, raw record) for every record under `uri`, in canonical order."""
+    """(position, raw record) for every record under `uri`, in canonical order, streamed:
+    one record at a time is in memory, whatever the format."""
     for path in io.list_files(uri, RECORD_SUFFIXES):
-        if path.endswith(".parquet"):
-            rows = [parquet_row(row) for row in io.read_parquet(path).to_pylist()]
-        elif path.endswith(".jsonl"):
-            rows = jsonl_rows(io.read_bytes(path))
-        else:
-            try:
-                rows = json.loads(io.read_bytes(path).decode("utf-8"))
-            except UnicodeDecodeError as error:
-                raise io.InputFormatError(f"{path} is not valid UTF-8 (byte {error.start})") from None
-            except json.JSONDecodeError as error:
-                raise io.InputFormatError(f"{path} is not valid JSON: {error}") from None
-            if not isinstance(rows, list):
-                raise io.InputFormatError(f"{path} must hold a JSON list of records")
-        for row, raw in enumerate(rows):
-            yield f"{path}#{row}", raw
+        for row, text, problem in file_rows(path):
+            yield f"{path}#{row}", load_row(text, problem)
 
 
-def jsonl_rows(data: bytes) -> list:
+def file_rows(path: str) -> Iterator[tuple[int, bytes | None, str | None]]:
+    """(row, the record's JSON text in UTF-8, problem) for every record of one input file, in
+    order, streamed. `problem` says why a row is not JSON at all (then `text` is None); a
+    file that cannot be read as its format raises io.InputFormatError."""
+    if path.endswith(".parquet"):
+        rows = (io.json_text(parquet_row(row)) for batch in io.iter_parquet(path) for row in batch.to_pylist())
+        yield from ((row, text, None) for row, text in enumerate(rows))
+    elif path.endswith(".jsonl"):
+        yield from jsonl_rows(path)
+    else:
+        yield from ((row, text, None) for row, text in enumerate(json_list_items(path)))
+
+
+def load_row(text: bytes | None, problem: str | None) -> Any:
+    """The raw record of a row of file_rows (an _Unparsable when it is not JSON)."""
+    return _Unparsable(problem) if problem is not None else json.loads(text)
+
+
+def jsonl_rows(path: str) -> Iterator[tuple[int, bytes | None, str | None]]:
     """One record per line. Lines end at \\n only: U+2028, U+2029 and NEL are allowed raw
     inside JSON strings, so str.splitlines() would cut records apart."""
-    rows: list = []
-    for number, line in enumerate(data.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line.decode("utf-8")))
-        except UnicodeDecodeError as error:
-            rows.append(_Unparsable(f"line {number}: not valid UTF-8 (byte {error.start})"))
-        except json.JSONDecodeError as error:
-            rows.append(_Unparsable(f"line {number}: {error.msg}"))
-    return rows
+    row = 0
+    with io.open_read(path) as f:
+        for number, line in enumerate(f, start=1):
+            line = line.rstrip(b"\n")
+            if not line.strip():
+                continue
+            try:
+                json.loads(line.decode("utf-8"))
+                yield row, line, None
+            except UnicodeDecodeError as error:
+                yield row, None, f"line {number}: not valid UTF-8 (byte {error.start})"
+            except json.JSONDecodeError as error:
+                yield row, None, f"line {number}: {error.msg}"
+            row += 1
+
+
+READ_CHUNK = 4 * 2**20  # bytes read at a time from a JSON list
+TOKEN_SLACK = 16  # longer than any cut literal ("-Infinity"), \\uXXXX pair or number tail json reports
+_DECODER = json.JSONDecoder()
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def json_list_items(path: str, chunk: int = READ_CHUNK) -> Iterator[bytes]:
+    """The JSON text of each element of a file holding one JSON list, streamed: the file is
+    read `chunk` bytes at a time and each element is cut out by the standard library's own
+    decoder (json.JSONDecoder.raw_decode), so every element means exactly what json.loads
+    of the whole file would make of it (big integers, NaN, lone surrogates, repeated keys),
+    and only one element and one chunk are in memory.
+
+    Streaming parsers were tried and do not keep that meaning: ijson's C backend turns a
+    lone surrogate into "?" (the id changes silently) and refuses integers beyond 64 bits;
+    its Python backend is some 30 times slower."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    text, at, consumed, row = "", 0, 0, 0
+    expect = "list"  # then "first" (a value or "]"), "value", "comma" ("," or "]"), "done"
+
+    def fail(message: str) -> io.InputFormatError:
+        return io.InputFormatError(f"{path} is not valid JSON: {message}")
+
+    with io.open_read(path) as f:
+        while True:
+            data = f.read(chunk)
+            final = not data
+            try:
+                text = text[at:] + decoder.decode(data, final=final)
+            except UnicodeDecodeError as error:
+                raise io.InputFormatError(f"{path} is not valid UTF-8 (byte {consumed + error.start})") from None
+            consumed += len(data)
+            at = _SPACE.match(text, 0).end()
+            while at < len(text):
+                char = text[at]
+                if expect == "list":
+                    if char != "[":
+                        raise io.InputFormatError(f"{path} must hold a JSON list of records")
+                    expect, at = "first", at + 1
+                elif expect == "done":
+                    raise fail("more text after the end of the list")
+                elif expect == "comma" or (expect == "first" and char == "]"):
+                    if char not in ",]":
+                        raise fail("expected ',' or ']' after a record")
+                    expect, at = ("value" if char == "," else "done"), at + 1
+                else:
+                    try:
+                        _, end = _DECODER.raw_decode(text, at)
+                    except json.JSONDecodeError as error:
+                        # the chunk may end inside a string or within a token's length of the error
+                        cut_short = error.pos >= len(text) - TOKEN_SLACK or error.msg.startswith("Unterminated")
+                        if final or not cut_short:
+                            raise fail(f"{error.msg} in record {row}") from None
+                        break  # the record goes on in the next chunk
+                    if end == len(text) and not final:
+                        break  # a number at the very end may go on in the next chunk
+                    yield text[at:end].encode("utf-8", "surrogatepass")
+                    row += 1
+                    expect, at = "comma", end
+                at = _SPACE.match(text, at).end()
+            if final:
+                if expect != "done":
+                    raise (io.InputFormatError(f"{path} must hold a JSON list of records") if expect == "list"
+                           else fail("the list is not closed"))
+                return
 
 
 def parquet_row(row: dict) -> dict:

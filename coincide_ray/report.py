@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import io as _io
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -153,19 +155,17 @@ def thumbnail(data: bytes) -> str | None:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def cluster_gallery(records_uri: str, image_root: str | None, selection: pa.Table, summary: pa.Table,
+def cluster_gallery(records: str | Callable[[set[str]], dict[str, dict]], image_root: str | None, selection: pa.Table, summary: pa.Table,
                     clusters: int = 3, members: int = 6) -> str:
     """The clusters with the largest quotas: a few members each, image and first question."""
-    from coincide_ray.records import Record, accepted_records
-
     quota = summary.column("quota").to_numpy()
     cluster = selection.column(schema.CLUSTER).to_numpy()
     ids = selection.column(schema.SAMPLE_ID).to_pylist()
     chosen = selection.column(schema.SELECTED).to_pylist()
     shown = {int(c): np.flatnonzero(cluster == c)[:members] for c in np.argsort(-quota, kind="stable")[:clusters]}
     wanted = {ids[row] for rows in shown.values() for row in rows}
-    records = {item.id: raw for _, raw, item in accepted_records(records_uri)
-               if isinstance(item, Record) and item.id in wanted}
+    # the records file read in this process, or a lookup the job runs on Ray tasks
+    records = records(wanted) if callable(records) else in_process_records(records, wanted)
     parts = []
     for c, rows in shown.items():
         cells = []
@@ -188,7 +188,48 @@ def cluster_gallery(records_uri: str, image_root: str | None, selection: pa.Tabl
     return "".join(parts)
 
 
-def label_figures(records_uri: str, fields: list[str], selection: pa.Table, seed: int = 0,
+def label_of(raw: dict, fields: list[str]) -> str | None:
+    """The record's label: its `fields` joined with "/", or None when one is missing."""
+    return "/".join(str(raw[f]) for f in fields) if all(raw.get(f) is not None for f in fields) else None
+
+
+def block_labels(row: dict, fields: list[str]) -> list[tuple[str, str]]:
+    """(id, label) of each labelled accepted record of one block (a Ray task's share)."""
+    from coincide_ray import record_shards
+    from coincide_ray.records import Record
+
+    found = ((item.id, label_of(json.loads(text), fields)) for item, text in record_shards.raw_texts(row)
+             if isinstance(item, Record))
+    return [(sample_id, label) for sample_id, label in found if label is not None]
+
+
+def block_records_of(row: dict, wanted) -> list[tuple[str, dict]]:
+    """(id, raw record) of the accepted records of one block whose id `wanted` holds."""
+    from coincide_ray import record_shards
+    from coincide_ray.records import Record
+
+    pairs = [(item, text) for item, text in record_shards.raw_texts(row) if isinstance(item, Record)]
+    hits = wanted.holds([item.id for item, _ in pairs])
+    return [(pairs[i][0].id, json.loads(pairs[i][1])) for i in np.flatnonzero(hits)]
+
+
+def in_process_labels(records_uri: str, fields: list[str]) -> dict[str, str]:
+    """{id: label} read in this process (small inputs, tests); the job reads it by Ray tasks."""
+    from coincide_ray.records import Record, accepted_records
+
+    found = ((item.id, label_of(raw, fields)) for _, raw, item in accepted_records(records_uri)
+             if isinstance(item, Record))
+    return {sample_id: label for sample_id, label in found if label is not None}
+
+
+def in_process_records(records_uri: str, wanted: set[str]) -> dict[str, dict]:
+    from coincide_ray.records import Record, accepted_records
+
+    return {item.id: raw for _, raw, item in accepted_records(records_uri)
+            if isinstance(item, Record) and item.id in wanted}
+
+
+def label_figures(records: str | dict[str, str], fields: list[str], selection: pa.Table, seed: int = 0,
                   strategies: dict[str, np.ndarray] | None = None) -> dict:
     """How the clusters and the selection relate to labels the records carry (e.g. the demo's
     planted concept and skill): cluster purity, how many records of each label group the
@@ -199,11 +240,8 @@ def label_figures(records_uri: str, fields: list[str], selection: pa.Table, seed
     only the labelled records of `selection`: `labelled` says how many of `records` that is,
     and with none labelled there are no figures at all (a made-up label would read as one
     perfectly pure group)."""
-    from coincide_ray.records import Record, accepted_records
-
-    labels = {item.id: "/".join(str(raw[field]) for field in fields)
-              for _, raw, item in accepted_records(records_uri)
-              if isinstance(item, Record) and all(raw.get(field) is not None for field in fields)}
+    # {id: label} as the job's Ray tasks read it, or the records file read in this process
+    labels = records if isinstance(records, dict) else in_process_labels(records, fields)
     all_ids = selection.column(schema.SAMPLE_ID).to_pylist()
     has = np.array([i in labels for i in all_ids], dtype=bool)
     counts = {"fields": fields, "records": len(all_ids), "labelled": int(has.sum())}
@@ -325,7 +363,7 @@ def resources_table(plan: dict) -> str:
 
 
 def render(manifest: dict, summary: pa.Table, selection: pa.Table, embeddings: str,
-           records_uri: str | None = None, image_root: str | None = None, labels: dict | None = None) -> str:
+           records: str | Callable | None = None, image_root: str | None = None, labels: dict | None = None) -> str:
     size = summary.column("size").to_numpy()
     quota = summary.column("quota").to_numpy()
     transfer = summary.column("transferability").to_numpy()
@@ -341,7 +379,7 @@ def render(manifest: dict, summary: pa.Table, selection: pa.Table, embeddings: s
              "clusters", "quota", highlight=(quota[visit] == size[visit]) & (size[visit] > 0)),
         projection(embeddings, selection),
     ]
-    gallery = cluster_gallery(records_uri, image_root, selection, summary) if records_uri else \
+    gallery = cluster_gallery(records, image_root, selection, summary) if records else \
         "<p>The records were not given to this run (select only): no thumbnails.</p>"
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>coincide-ray run</title>"
             f"{STYLE}</head><body><h1>coincide-ray run</h1><p>{html.escape(manifest['config']['output'])}</p>"

@@ -5,6 +5,7 @@ the model actors only ever receive ready tensors."""
 from __future__ import annotations
 
 import io as _io
+import json
 import re
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -113,6 +114,31 @@ class PreparedBlock:
     reused: dict[int, tuple[str, int]] = field(default_factory=dict)  # position -> (earlier part file, row)
     truncated: list[int] = field(default_factory=list)  # positions cut to the model's context
 
+    def to_bytes(self) -> bytes:
+        """The block as one binary value Ray Data carries in an Arrow column: the tensors as
+        .npy entries (dtype and shape kept, no pickle), the rest as JSON beside them."""
+        meta = {"block": self.block, "ids": self.ids, "truncated": self.truncated,
+                "rejected": [[p, *(getattr(r, f) for f in ("id", "stage", "reason", "detail"))]
+                             for p, r in self.rejected.items()],
+                "fingerprints": [[p, f] for p, f in self.fingerprints.items()],
+                "reused": [[p, uri, row] for p, (uri, row) in self.reused.items()],
+                "batches": [{"positions": b.positions, "inputs": list(b.inputs)} for b in self.batches]}
+        arrays = {f"{k}/{name}": np.asarray(value) for k, b in enumerate(self.batches) for name, value in b.inputs.items()}
+        buffer = _io.BytesIO()
+        np.savez(buffer, allow_pickle=False, **{"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)}, **arrays)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "PreparedBlock":
+        with np.load(_io.BytesIO(data), allow_pickle=False) as arrays:
+            meta = json.loads(arrays["meta"].tobytes())
+            batches = [Batch(b["positions"], {name: arrays[f"{k}/{name}"] for name in b["inputs"]})
+                       for k, b in enumerate(meta["batches"])]
+        return cls(meta["block"], meta["ids"], batches,
+                   rejected={p: Rejection(*rest) for p, *rest in meta["rejected"]},
+                   fingerprints={p: f for p, f in meta["fingerprints"]},
+                   reused={p: (uri, row) for p, uri, row in meta["reused"]}, truncated=meta["truncated"])
+
 
 def template_prefix_tokens(processor) -> int:
     """Tokens of the chat template that come before any conversation text: the common
@@ -186,12 +212,15 @@ def eight_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
 
 
-def fetch_image(image_root: str | None, record: Record) -> bytes:
-    """The bytes of the record's image; RecordProblem with the reason when it cannot be had."""
+def fetch_image(image_root: str | None, record: Record, read: bool = True) -> tuple[bytes | None, str]:
+    """The record's image bytes (None unless `read`) and content digest (io.digest: an
+    unchanged image's digest needs no read); RecordProblem with the reason when it cannot
+    be had."""
     if image_root is None:
         raise RecordProblem("record names an image but no --image-root was given")
     try:
-        return io.read_under(image_root, record.image)
+        uri = io.under(image_root, record.image)
+        return io.read_with_digest(uri) if read else (None, io.digest(uri))
     except io.OutsideRootError as error:
         raise RecordProblem("image path outside the image root", str(error)) from None
     except FileNotFoundError:
@@ -202,25 +231,26 @@ def fetch_image(image_root: str | None, record: Record) -> bytes:
 
 @dataclass
 class Fingerprinted:
-    """A block's records with their images fetched: what decides whether a finished block
-    can be reused, and what preparation continues from."""
+    """A block's records with their images fetched (or only their digests): what decides
+    whether a finished block can be reused, and what preparation continues from."""
 
     rejected: dict[int, Rejection] = field(default_factory=dict)  # position -> why (before the model saw it)
     fingerprints: dict[int, str] = field(default_factory=dict)  # position -> record fingerprint
-    images: dict[int, bytes | None] = field(default_factory=dict)  # position -> image bytes (None: text-only)
+    images: dict[int, bytes | None] = field(default_factory=dict)  # position -> image bytes (None: text-only or not read)
 
 
 FETCH_IN_FLIGHT = 16  # image requests a preparer keeps open at once (S3 answers each in tens of ms)
 
 
 def fingerprint_block(items: list[Record | Rejection], image_root: str | None, salt: str,
-                      in_flight: int = FETCH_IN_FLIGHT) -> Fingerprinted:
-    """Fetch every image of the block, `in_flight` requests at a time, and fingerprint every
-    record (coincide_ray.embed.reuse). Each fetch keeps its own retries and its own reason."""
-    def fetched(position: int) -> bytes | ValueError | None:
+                      in_flight: int = FETCH_IN_FLIGHT, read: bool = True) -> Fingerprinted:
+    """Fingerprint every record of the block (coincide_ray.embed.reuse), `in_flight` image
+    requests at a time, reading the images too when `read` (else only their digests: a
+    reuse check never reads an unchanged image). Each fetch keeps its own retries and reason."""
+    def fetched(position: int) -> tuple[bytes | None, str | None] | ValueError:
         item = items[position]
         try:
-            return fetch_image(image_root, item) if item.image is not None else None
+            return fetch_image(image_root, item, read) if item.image is not None else (None, None)
         except ValueError as error:
             return error
 
@@ -234,8 +264,9 @@ def fingerprint_block(items: list[Record | Rejection], image_root: str | None, s
         elif isinstance(results[position], ValueError):
             done.rejected[position] = rejection(item, results[position])
         else:
-            done.fingerprints[position] = record_fingerprint(salt, item, results[position])
-            done.images[position] = results[position]
+            data, digest = results[position]
+            done.fingerprints[position] = record_fingerprint(salt, item, digest)
+            done.images[position] = data
     return done
 
 

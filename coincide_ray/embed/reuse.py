@@ -2,7 +2,7 @@
 
 A record's fingerprint is the sha256 of everything its outcome depends on: the model's
 fingerprint, the pooled layers and the image pixel limit (the run's salt), the record's
-conversations and the sha256 of its image bytes. A record of tonight's corpus whose fingerprint an earlier run
+conversations and its image's content digest (io.digest). A record of tonight's corpus whose fingerprint an earlier run
 embedded gets that run's vector, copied; only new or changed records go through the model.
 The lookup table is compact (16 bytes of each fingerprint, sorted), so it is sent once to
 every CPU worker.
@@ -28,13 +28,21 @@ def run_salt(model_fingerprint: str, layers: tuple[int, ...], max_image_pixels: 
     return f"{model_fingerprint}|{','.join(map(str, layers))}|{max_image_pixels}"
 
 
-def record_fingerprint(salt: str, record: Record, image_bytes: bytes | None) -> str:
+def record_fingerprint(salt: str, record: Record, image_digest: str | None) -> str:
+    """`image_digest` as io.digest gives it: a local file's sha256 (its 32 bytes go in, as
+    they always have), or an object store's ETag, so that an unchanged image is recognised
+    without reading it again."""
     digest = hashlib.sha256()
     digest.update(salt.encode())
     digest.update(b"\0")
     digest.update(json.dumps(record.conversations, sort_keys=True, ensure_ascii=False).encode())
     digest.update(b"\0")
-    digest.update(b"-" if image_bytes is None else hashlib.sha256(image_bytes).digest())
+    if image_digest is None:
+        digest.update(b"-")
+    elif image_digest.startswith("sha256:"):
+        digest.update(bytes.fromhex(image_digest[len("sha256:"):]))
+    else:
+        digest.update(image_digest.encode())
     return digest.hexdigest()
 
 

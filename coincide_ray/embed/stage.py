@@ -25,12 +25,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from coincide_ray import io, schema
+from coincide_ray import io, record_shards, schema
 from coincide_ray.config import EmbedConfig, JobConfig
 from coincide_ray.embed import model as model_io
 from coincide_ray.embed.msa import default_layers, extract_msa_embeddings
 from coincide_ray.embed.preprocess import (STAGE, PreparedBlock, Preprocessor, block_signature, decode_image,
-                                           fingerprint_block, rejection)
+                                           fetch_image, fingerprint_block, rejection)
 from coincide_ray.embed.reuse import PreviousVectors, fetch_vectors, run_salt
 from coincide_ray.holds import hold, hold_point, release_file
 from coincide_ray.manifest import library_versions, mark_in_progress
@@ -45,8 +45,9 @@ def part_name(block: int) -> str:
 
 
 def plan_blocks(input_uri: str, block_records: int) -> list[list[Record | Rejection]]:
-    """Every input record, parsed and checked, cut into blocks in canonical order.
-    Later copies of an id are rejected here, where every id is seen."""
+    """Every input record, parsed and checked, cut into blocks in canonical order, in this
+    process: for tools over small inputs (gpu_check, benchmarks). The job itself never holds
+    the records (coincide_ray.shards)."""
     items = [item for _, _, item in accepted_records(input_uri)]
     return [items[start : start + block_records] for start in range(0, len(items), block_records)]
 
@@ -65,7 +66,8 @@ class PrepareWorker:
                                          **model_io.preprocessing(folder, embed.trust_remote_code))
 
     def __call__(self, row: dict) -> dict:
-        return {"block": row["block"], "prepared": self.preprocessor.prepare(row["block"], row["items"])}
+        prepared = self.preprocessor.prepare(row["block"], record_shards.read_block(row))
+        return {"block": row["block"], "prepared": prepared.to_bytes()}
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ class ModelWorker:
         return result
 
     def __call__(self, row: dict) -> dict:
-        prepared: PreparedBlock = row["prepared"]
+        prepared = PreparedBlock.from_bytes(row["prepared"])
         publish = self.publish
         if publish.hold_model is not None and prepared.block >= publish.hold_model:
             hold(f"model actor holds block {prepared.block}", publish.release)
@@ -479,10 +481,10 @@ def part_signature(uri: str, dimension: int) -> tuple[list[tuple], int] | None:
 
 def check_block(row: dict, output: str, image_root: str | None, salt: str, dimension: int) -> dict:
     """Whether the block's finished part file can be reused: it reads back whole and holds
-    the same records with the same fingerprints. Fetches the block's images (to hash them),
-    never runs the model. Returns the counts write_block would have given."""
-    items = row["items"]
-    fetched = fingerprint_block(items, image_root, salt)
+    the same records with the same fingerprints. Asks for the images' digests only (an
+    unchanged image is never read again), never runs the model. Returns the counts write_block would have given."""
+    items = record_shards.read_block(row)
+    fetched = fingerprint_block(items, image_root, salt, read=False)
     wanted = block_signature([item.id for item in items], fetched.fingerprints, fetched.rejected)
     found = part_signature(io.join(output, schema.EMBEDDINGS_DIR, part_name(row["block"])), dimension)
     return {"block": row["block"], "unchanged": found is not None and found[0] == wanted, "records": len(items),
@@ -504,20 +506,21 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
     dimension = 2 * len(config.layers) * hidden
     salt = run_salt(made["model_fingerprint"], config.layers, config.embed.max_image_pixels)
     progress(f"embed: model {config.model}, layers {list(config.layers)}, dimension {dimension}")
-    blocks = plan_blocks(config.input, config.embed.block_records)
-    records = sum(len(b) for b in blocks)
+    corpus = record_shards.prepare(config.input, out, config.embed.block_records, lambda line: progress(f"embed: {line}"),
+                            record_shards.ray_task())
+    blocks, records = corpus.blocks(config.embed.block_records), corpus.records
     existing = part_files(out)
     unchanged = {}
-    candidates = [i for i in range(len(blocks)) if part_name(i) in existing]
+    candidates = [i for i in range(blocks) if part_name(i) in existing]
     if candidates:
         progress(f"embed: checking {len(candidates)} finished block(s) against the input (ids, content, images)")
-        checks = ray.data.from_items([{"block": i, "items": blocks[i]} for i in candidates],
+        checks = ray.data.from_items(corpus.block_rows(config.embed.block_records, candidates),
                                      override_num_blocks=len(candidates))
         checks = checks.map(check_block, fn_kwargs={"output": out, "image_root": config.image_root, "salt": salt,
                                                     "dimension": dimension}, num_cpus=0.25)
         unchanged = {c["block"]: c for c in checks.iter_rows() if c["unchanged"]}
-    pending = [i for i in range(len(blocks)) if i not in unchanged]
-    progress(f"embed: {records} records in {len(blocks)} blocks; {len(unchanged)} finished and unchanged, "
+    pending = [i for i in range(blocks) if i not in unchanged]
+    progress(f"embed: {records} records in {blocks} blocks; {len(unchanged)} finished and unchanged, "
              f"{len(pending)} to embed")
     embedded = reused_previous = truncated = 0
     reused_here = sum(check["records"] - check["rejected"] for check in unchanged.values())
@@ -527,7 +530,7 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
     previous = reusable_previous(config, made, progress) if pending else None
     if previous is not None:
         previous = ray.put(previous)  # sent once to every CPU worker
-        whole = reuse_whole_blocks(pending, blocks, config.image_root, salt, config.embed.max_image_pixels, previous,
+        whole = reuse_whole_blocks(corpus.block_rows(config.embed.block_records, pending), config.image_root, salt, config.embed.max_image_pixels, previous,
                                    publish)
         if whole:
             reused_previous += sum(summary["reused"] for summary in whole.values())
@@ -543,7 +546,8 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
             progress(f"embed: waited {waited:.0f} s for the cluster; starting")
         plan = {"device": pool.device, "model_actors": list(pool.actors), "gpus_per_actor": pool.gpus,
                 "torch_threads": pool.threads, "preparers": list(pool.preparers), "waited_s": round(waited, 1)}
-        ds = ray.data.from_items([{"block": i, "items": blocks[i]} for i in pending], override_num_blocks=len(pending))
+        ds = ray.data.from_items(corpus.block_rows(config.embed.block_records, pending),
+                                 override_num_blocks=len(pending))
         ds = ds.map(PrepareWorker, fn_constructor_args=(config.model, config.embed, config.image_root, salt, previous),
                     compute=ray.data.ActorPoolStrategy(min_size=pool.preparers[0], max_size=pool.preparers[1]),
                     num_cpus=1)
@@ -561,13 +565,13 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
                      f"samples/s, ~{left:.0f}s left; "
                      f"block {summary['block']} written: reused {summary['reused']}, rejected {summary['rejected']} "
                      f"{summary['reasons'] if summary['rejected'] else ''}".rstrip())
-    listing = sorted(part_name(i) for i in range(len(blocks)))
+    listing = sorted(part_name(i) for i in range(blocks))
     for name, uri in part_files(out).items():
         if name not in listing:  # a block of an earlier, longer input: not part of this one
             io.remove(uri)
             progress(f"embed: removed {name}, a block the input no longer has")
     io.write_json({"parts": listing, "records": records}, io.join(out, schema.EMBEDDINGS_DONE_PATH))
-    return EmbedResult(len(blocks), len(unchanged), records, embedded, reused_here, reused_previous, truncated,
+    return EmbedResult(blocks, len(unchanged), records, embedded, reused_here, reused_previous, truncated,
                        time.perf_counter() - start, plan)
 
 
@@ -575,18 +579,18 @@ def reuse_block(row: dict, image_root: str | None, salt: str, max_image_pixels: 
                 publish: Publish) -> dict:
     """Publish the block from --previous's vectors alone when every record of it either has
     a vector there or is rejected before the model (its image does not decode), as the
-    model pipeline would reject it; else say it was not written. A CPU task: images fetched,
-    hashed and, where needed, decoded; no model."""
+    model pipeline would reject it; else say it was not written. A CPU task: images' digests,
+    and only the images --previous lacks read and decoded; no model."""
     if isinstance(previous, ray.ObjectRef):
         previous = ray.get(previous)
-    items = row["items"]
-    fetched = fingerprint_block(items, image_root, salt)
+    items = record_shards.read_block(row)
+    fetched = fingerprint_block(items, image_root, salt, read=False)
     found = {}
     for position, fingerprint in fetched.fingerprints.items():
         found[position] = previous.find(fingerprint, items[position].id)
-        if found[position] is None and fetched.images[position] is not None:
-            try:
-                decode_image(fetched.images[position], max_image_pixels)
+        if found[position] is None and items[position].image is not None:
+            try:  # read only now: an image the model pipeline would reject needs no model either
+                decode_image(fetch_image(image_root, items[position])[0], max_image_pixels)
             except RecordProblem as problem:
                 fetched.rejected[position] = rejection(items[position], problem)
                 del found[position]
@@ -599,12 +603,12 @@ def reuse_block(row: dict, image_root: str | None, salt: str, max_image_pixels: 
     return {**write_block(result, publish), "written": True}
 
 
-def reuse_whole_blocks(pending: list[int], blocks: list, image_root: str | None, salt: str, max_image_pixels: int,
+def reuse_whole_blocks(rows: list[dict], image_root: str | None, salt: str, max_image_pixels: int,
                        previous, publish: Publish) -> dict[int, dict]:
     """{block: write_block's counts} of the pending blocks --previous covers whole: written
     by CPU tasks, so an unchanged night starts no model actor. The blocks left go to the
     model pipeline, which fetches their images again."""
-    ds = ray.data.from_items([{"block": i, "items": blocks[i]} for i in pending], override_num_blocks=len(pending))
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map(reuse_block, fn_kwargs={"image_root": image_root, "salt": salt, "max_image_pixels": max_image_pixels,
                                         "previous": previous, "publish": publish}, num_cpus=0.25)
     return {row["block"]: row for row in ds.iter_rows() if row["written"]}

@@ -4,13 +4,14 @@ Every S3 call of the integration tests (driver and Ray workers alike) goes throu
 `fault_every` = n, every n-th request is answered 503 SlowDown or 500 InternalError, or
 (GETs) gets its response cut mid-body, the kinds taken in turn; requests whose path contains
 `always_fail` are always answered 503. It forwards everything else unchanged (moto does not check signatures).
-With `delay_s` every request waits that long first: an object store's latency (S3 answers a
+`calls` counts the requests by method and key. With `delay_s` every request waits that long first: an object store's latency (S3 answers a
 GET in tens of milliseconds), on loopback.
 """
 
 from __future__ import annotations
 
 import http.client
+from collections import Counter
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,6 +30,7 @@ class FaultyProxy:
         self.always_fail: str | None = None
         self.injected = {"503": 0, "500": 0, "cut": 0}
         self.requests = 0
+        self.calls: Counter = Counter()  # (method, path without the query) -> requests
         self._turn = {"GET": 0, "other": 0}
         self._lock = threading.Lock()
         proxy = self
@@ -88,6 +90,7 @@ class FaultyProxy:
     def _choose(self, method: str, path: str):
         with self._lock:
             self.requests += 1
+            self.calls[method, path.split("?", 1)[0]] += 1
             if self.always_fail and self.always_fail in path:
                 self.injected["503"] += 1
                 return 503

@@ -106,3 +106,37 @@ def test_missing_credentials_are_one_line_at_once(s3_endpoint, tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "credentials" in err[0].lower(), err[-3:]
     assert time.monotonic() - began < 15
+
+
+def test_an_unchanged_rerun_and_an_unchanged_refresh_read_no_image(s3_endpoint, faults, tmp_path, tiny_model):
+    """Through the counting proxy: the first run GETs every image; an embed rerun into the
+    same output and a --previous refresh into a new one over the same corpus GET none, and
+    the rerun does not read the records file again: an image's content key is its ETag,
+    asked for by HEAD, and the records come from their shards."""
+    from test_embed_stage import job_yaml
+
+    from coincide_ray.toy.corpus import write_corpus as write_records
+
+    base = "s3://coincide-test/unchanged-gets"
+    write_records(io.join(base, "corpus", "records.json"), io.join(base, "corpus"), 24, seed=6)
+
+    def embed(out, *extra):
+        return main(["embed", "--input", io.join(base, "corpus", "records.json"), "--image-root",
+                     io.join(base, "corpus"), "--model", tiny_model, "--output", io.join(base, out),
+                     "--layers", "1,3,4", *extra, "--config", job_yaml(tmp_path, out, block_records=8, batch_size=4)])
+
+    def gets(part):
+        return sum(n for (method, path), n in faults.calls.items() if method == "GET" and part in path)
+
+    faults.calls.clear()
+    assert embed("first") == 0
+    images = len(io.list_files(io.join(base, "corpus", "images"), (".png",)))
+    assert gets("/unchanged-gets/corpus/images/") >= images - 3 and gets("/corpus/records.json") >= 1
+    faults.calls.clear()
+    assert embed("first") == 0
+    assert gets("/unchanged-gets/corpus/") == 0, faults.calls
+    assert embed("night", "--previous", io.join(base, "first")) == 0
+    assert gets("/unchanged-gets/corpus/images/") == 0, faults.calls
+    for name in [p.rsplit("/", 1)[1] for p in io.list_files(io.join(base, "first", "embeddings"), (".parquet",))]:
+        night, first = (io.read_parquet(io.join(base, out, "embeddings", name)) for out in ("night", "first"))
+        assert night.column(schema.EMBEDDING).equals(first.column(schema.EMBEDDING)), name

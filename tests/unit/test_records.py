@@ -75,3 +75,65 @@ def test_three_formats_in_canonical_order(tmp_path):
                                                        "b.json#1", "c.parquet#0"]
     assert parse_record(rows[1][1], rows[1][0]).reason == "unparsable record"
     assert rows[5][1]["conversations"] == [{"from": "human", "value": "x"}]
+
+
+def _elements(path, chunk):
+    from coincide_ray.records import json_list_items
+
+    return [json.loads(text) for text in json_list_items(str(path), chunk=chunk)]
+
+
+HARD_VALUES = [
+    {"id": "big", "n": 123456789012345678901234567890, "f": 1e308, "neg": -0.0, "nan": float("nan")},
+    {"id": "esc\\ud800", "s": "quote \" backslash \\ ] } , [ {", "u": "caf\u00e9 \u2028 \U0001F600"},
+    {"id": "rep", "a": 1, "nested": [[], {}, [{"x": [1, [2, [3]]]}]]},
+    12, "text", None, True, [1, 2],
+    {"id": "long", "v": "x" * 5000},
+]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64, 4096])
+def test_a_json_list_streams_element_by_element_as_json_loads_reads_it(tmp_path, chunk):
+    """Every chunk size, down to one byte (records, strings, escapes, numbers and multi-byte
+    characters cut anywhere), gives the elements json.loads gives for the whole file."""
+    path = tmp_path / "list.json"
+    text = json.dumps(HARD_VALUES, indent=1, ensure_ascii=False)
+    text = text.replace('"esc\\\\ud800"', '"esc\\ud800"').replace('"a": 1,', '"a": 1, "a": 2,')  # a lone surrogate, a repeated key
+    path.write_text(" \n" + text + "\n\t ", encoding="utf-8")
+    expected = json.loads(path.read_bytes())
+    got = _elements(path, chunk)
+    assert json.dumps(got, sort_keys=True) == json.dumps(expected, sort_keys=True)
+    assert len(got) == len(HARD_VALUES) and got[2]["a"] == 2 and got[1]["id"] == "esc\ud800"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"id": "a"}', "must hold a JSON list"), ("", "must hold a JSON list"), ('[{"id": 1},]', "not valid JSON"),
+    ('[{"id": 1} {"id": 2}]', "not valid JSON"), ('[{"id": 1}', "not valid JSON"), ('[1] 2', "not valid JSON"),
+    ('[{"id": tru}]', "not valid JSON"), ('[1,,2]', "not valid JSON"),
+])
+@pytest.mark.parametrize("chunk", [1, 5, 4096])
+def test_a_malformed_json_list_is_refused_as_json_loads_refuses_it(tmp_path, text, message, chunk):
+    from coincide_ray import io
+
+    path = tmp_path / "list.json"
+    path.write_text(text)
+    if text.startswith("["):
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(text)
+    with pytest.raises(io.InputFormatError, match=message):
+        _elements(path, chunk)
+
+
+def test_a_malformed_record_early_in_a_long_list_is_refused_without_reading_on(tmp_path):
+    """The error is seen where it is: the reader does not keep the rest of the file in
+    memory waiting for the broken record to end."""
+    from coincide_ray import io
+    from coincide_ray.records import json_list_items
+
+    path = tmp_path / "list.json"
+    path.write_text('[{"id": "a", "x": tru}, ' + ", ".join(['{"id": "b"}'] * 200_000) + "]")
+    read = []
+    with pytest.raises(io.InputFormatError, match="record 0"):
+        for text in json_list_items(str(path), chunk=1024):
+            read.append(text)
+    assert read == []

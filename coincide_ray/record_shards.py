@@ -1,0 +1,278 @@
+"""Record shards: every input file streamed once, by Ray tasks, into Parquet shards of our own.
+
+The driver never holds the records. Each input file is read by one Ray task, streamed
+(records.file_rows), and cut into shards of `chunk_records` records under
+output/records/: the record's JSON text, its row in the file, and the reason it is not
+JSON at all when it is not. Beside each file's shards a .keys.npy file holds a 16-byte key
+of every record's id (zero where the row does not parse as a record). The driver reads the
+keys alone (16 bytes a record) and finds the duplicate ids with numpy: the first copy that
+parses wins, as records.accepted_records decides it in one process.
+
+The blocks every stage works on are cut from the shards in canonical order (file, then
+position), so block i always holds the same records. A block travels between Ray tasks as a
+small row of Arrow-friendly columns (where its records lie, which of them are duplicates),
+and the worker that needs the records reads them from the shards.
+
+output/records/_index.json names each input file with its version (size and times and
+inode locally, the ETag on an object store): a file whose version is unchanged is not read
+again, so a rerun or a nightly refresh over the same records starts from its shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from coincide_ray import io
+from coincide_ray.records import RECORD_SUFFIXES, Record, Rejection, file_rows, load_row, parse_record
+
+RECORDS_DIR = "records"
+INDEX_NAME = "_index.json"
+FORMAT = 1
+SHARD_SCHEMA = pa.schema([("row", pa.int64()), ("text", pa.binary()), ("problem", pa.string())])
+
+
+def id_key(sample_id: str) -> tuple[int, int]:
+    """16 bytes of the id's blake2b as two uint64 (never both zero: zero marks a non-record).
+    Two distinct ids share a key with odds of ~1e-24 for 20 million records."""
+    digest = hashlib.blake2b(sample_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    high, low = int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
+    return (high, low) if high or low else (1, 0)
+
+
+def shard_uri(folder: str, key: str, chunk: int) -> str:
+    return io.join(folder, f"{key}-{chunk:06d}.parquet")
+
+
+def keys_uri(folder: str, key: str) -> str:
+    return io.join(folder, f"{key}.keys.npy")
+
+
+def shard_file(uri: str, folder: str, key: str, chunk_records: int) -> int:
+    """Stream one input file into its shards and its keys file; returns its record count.
+    Runs in a Ray task: memory is one shard, whatever the size of the file."""
+    keys: list[tuple[int, int]] = []
+    rows: list[int] = []
+    texts: list[bytes | None] = []
+    problems: list[str | None] = []
+
+    def flush() -> None:
+        table = pa.table({"row": rows, "text": texts, "problem": problems}, schema=SHARD_SCHEMA)
+        io.write_parquet(table, shard_uri(folder, key, (len(keys) - 1) // chunk_records))
+        rows.clear(), texts.clear(), problems.clear()
+
+    for row, text, problem in file_rows(uri):
+        item = parse_record(load_row(text, problem), f"{uri}#{row}")
+        keys.append(id_key(item.id) if isinstance(item, Record) else (0, 0))
+        rows.append(row), texts.append(text), problems.append(problem)
+        if len(rows) == chunk_records:
+            flush()
+    if rows:
+        flush()
+    io.write_npy(np.array(keys, dtype=np.uint64).reshape(-1, 2), keys_uri(folder, key))
+    return len(keys)
+
+
+@dataclass(frozen=True)
+class InputFile:
+    uri: str  # as this run names it (positions in messages use it)
+    name: str  # relative to the input root: what the index knows it by, however the root is spelled
+    version: str  # io.version: unchanged version, unchanged bytes
+    key: str  # its shards' file-name stem
+    records: int
+
+
+@dataclass
+class Corpus:
+    """What the driver keeps of the input: per file its shards and count, and the duplicate
+    ids (global positions of later copies and of the first copy). Never the records."""
+
+    folder: str
+    chunk_records: int
+    files: list[InputFile]
+    duplicate_of: dict[int, int]  # global index of a later copy -> global index of the first
+    read_again: int = 0  # files streamed into shards by this call (0: all were unchanged)
+
+    @property
+    def records(self) -> int:
+        return sum(f.records for f in self.files)
+
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum([f.records for f in self.files])]).astype(np.int64)
+
+    def position(self, index: int, offsets: np.ndarray | None = None) -> str:
+        offsets = self.offsets() if offsets is None else offsets
+        file = int(np.searchsorted(offsets, index, side="right") - 1)
+        return f"{self.files[file].uri}#{index - offsets[file]}"
+
+    def blocks(self, block_records: int) -> int:
+        return -(-self.records // block_records)
+
+    def block_rows(self, block_records: int, blocks: list[int] | None = None) -> list[dict]:
+        """One small row per block (Arrow-friendly: an int and two JSON strings): which shard
+        rows it holds and which of them are duplicates. read_block turns it into records."""
+        offsets = self.offsets()
+        later = np.array(sorted(self.duplicate_of), dtype=np.int64)
+        rows = []
+        for block in range(self.blocks(block_records)) if blocks is None else blocks:
+            start, stop = block * block_records, min((block + 1) * block_records, self.records)
+            spans, at = [], start
+            while at < stop:
+                file = int(np.searchsorted(offsets, at, side="right") - 1)
+                inside = at - offsets[file]
+                chunk, row = divmod(int(inside), self.chunk_records)
+                take = int(min(stop - at, self.chunk_records - row, offsets[file + 1] - at))
+                spans.append([shard_uri(self.folder, self.files[file].key, chunk), self.files[file].uri,
+                              chunk * self.chunk_records, row, row + take])
+                at += take
+            inside = later[np.searchsorted(later, start):np.searchsorted(later, stop)]
+            duplicates = [[int(index) - start, self.position(self.duplicate_of[int(index)], offsets)]
+                          for index in inside]
+            rows.append({"block": block, "spans": json.dumps(spans), "duplicates": json.dumps(duplicates)})
+        return rows
+
+
+def read_block(row: dict) -> list[Record | Rejection]:
+    """The records of a block row (Corpus.block_rows), checked, in canonical order: every
+    record as records.parse_record judges it, later copies of an id rejected as duplicates."""
+    items: list[Record | Rejection] = []
+    for shard, file_uri, first_row, start, stop in json.loads(row["spans"]):
+        table = io.read_parquet(shard).slice(start, stop - start)
+        for number, text, problem in zip(*(table.column(name).to_pylist() for name in SHARD_SCHEMA.names)):
+            items.append(parse_record(load_row(text, problem), f"{file_uri}#{number}"))
+    for offset, first in json.loads(row["duplicates"]):
+        item = items[offset]
+        items[offset] = Rejection(item.id, "read", "duplicate id", f"{item.position}; first at {first}")
+    return items
+
+
+def raw_texts(row: dict) -> Iterator[tuple[Record | Rejection, bytes | None]]:
+    """(item, the record's JSON text as the input holds it) for each record of a block row."""
+    texts = []
+    for shard, _, _, start, stop in json.loads(row["spans"]):
+        texts += io.read_parquet(shard, ["text"]).slice(start, stop - start).column("text").to_pylist()
+    return zip(read_block(row), texts)
+
+
+class KeySet:
+    """A set of ids as sorted 16-byte keys (two uint64 columns): sent once to every task,
+    read there without copying, and asked about a whole block at once."""
+
+    def __init__(self, ids):
+        keys = np.array([id_key(i) for i in ids], dtype=np.uint64).reshape(-1, 2)
+        order = np.lexsort((keys[:, 1], keys[:, 0]))
+        self.high, self.low = keys[order, 0].copy(), keys[order, 1].copy()
+
+    def __len__(self) -> int:
+        return len(self.high)
+
+    def holds(self, ids: list[str]) -> np.ndarray:
+        if not ids or not len(self.high):
+            return np.zeros(len(ids), dtype=bool)
+        keys = np.array([id_key(i) for i in ids], dtype=np.uint64).reshape(-1, 2)
+        left = np.searchsorted(self.high, keys[:, 0], side="left")
+        right = np.searchsorted(self.high, keys[:, 0], side="right")
+        found = np.zeros(len(ids), dtype=bool)
+        for row in np.flatnonzero(right > left):  # almost always one candidate
+            found[row] = bool((self.low[left[row]:right[row]] == keys[row, 1]).any())
+        return found
+
+
+def map_blocks(corpus: Corpus, block_records: int, fn: Callable, *args, blocks_per_task: int = 8) -> list:
+    """[fn(block row, *args) for every block], in block order, run by Ray tasks of
+    `blocks_per_task` blocks each (a quarter CPU each: they mostly wait on storage). Large
+    arguments go to the object store once."""
+    import ray
+
+    rows = corpus.block_rows(block_records)
+    shared = [ray.put(arg) for arg in args]
+    task = ray.remote(num_cpus=0.25, max_retries=3, retry_exceptions=[io.StorageError])(_map_rows)
+    refs = [task.remote(fn, rows[start:start + blocks_per_task], *shared)
+            for start in range(0, len(rows), blocks_per_task)]
+    return [result for ref in refs for result in ray.get(ref)]
+
+
+def _map_rows(fn: Callable, rows: list[dict], *args) -> list:
+    return [fn(row, *args) for row in rows]
+
+
+def ray_task():
+    """shard_file as a Ray task: one CPU, retried when storage keeps failing or a node is lost."""
+    import ray
+
+    return ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[io.StorageError])(shard_file)
+
+
+def input_files(input_uri: str) -> list[tuple[str, str]]:
+    """(uri, name relative to the input root) of each input file, in canonical order."""
+    files = io.list_files(input_uri, RECORD_SUFFIXES)
+    prefix = input_uri.rstrip("/") + "/"
+    return [(uri, uri[len(prefix):] if uri.startswith(prefix) else uri.rsplit("/", 1)[-1]) for uri in files]
+
+
+def duplicates(keys: np.ndarray) -> dict[int, int]:
+    """{later copy: first copy} over the global index, from the (N, 2) uint64 id keys (zero:
+    not a record, never a duplicate)."""
+    valid = np.flatnonzero(keys.any(axis=1))
+    if not len(valid):
+        return {}
+    packed = np.ascontiguousarray(keys[valid]).view([("high", np.uint64), ("low", np.uint64)]).ravel()
+    _, first, inverse = np.unique(packed, return_index=True, return_inverse=True)
+    later = np.flatnonzero(first[inverse.ravel()] != np.arange(len(valid)))
+    return {int(valid[i]): int(valid[first[inverse.ravel()[i]]]) for i in later}
+
+
+def prepare(input_uri: str, output: str, chunk_records: int, progress: Callable[[str], None] = print,
+            shard_remote: Callable | None = None) -> Corpus:
+    """The corpus of `input_uri`, its shards under output/records: files whose version the
+    index already holds are not read again, the others are streamed by `shard_remote` (a
+    Ray task; in this process when None), all at once. Shards of files the input no longer
+    has, or of their older versions, are removed once the new index is written."""
+    folder = io.join(output, RECORDS_DIR)
+    index_uri = io.join(folder, INDEX_NAME)
+    known: dict[str, dict] = {}
+    if io.exists(index_uri):
+        try:
+            index = io.read_json(index_uri)
+            if index.get("format") == FORMAT and index.get("chunk_records") == chunk_records:
+                known = {entry["key"]: entry for entry in index["files"]}
+        except (ValueError, KeyError, TypeError):
+            known = {}
+    wanted = []
+    for uri, name in input_files(input_uri):
+        version = io.version(uri)
+        key = hashlib.sha256(f"{name}\0{version}\0{chunk_records}\0{FORMAT}".encode()).hexdigest()[:20]
+        wanted.append((uri, name, version, key))
+    todo = [(uri, key) for uri, _, _, key in wanted if key not in known or not io.exists(keys_uri(folder, key))]
+    if todo:
+        progress(f"records: reading {len(todo)} of {len(wanted)} input file(s) into shards under {folder}")
+    if shard_remote is None:
+        counts = {key: shard_file(uri, folder, key, chunk_records) for uri, key in todo}
+    else:
+        import ray
+
+        refs = {key: shard_remote.remote(uri, folder, key, chunk_records) for uri, key in todo}
+        counts = dict(zip(refs, ray.get(list(refs.values()))))
+    files = [InputFile(uri, name, version, key, counts[key] if key in counts else int(known[key]["records"]))
+             for uri, name, version, key in wanted]
+    io.write_json({"format": FORMAT, "chunk_records": chunk_records,
+                   "files": [{"name": f.name, "version": f.version, "key": f.key, "records": f.records}
+                             for f in files]}, index_uri)
+    keep = {f.key for f in files}
+    try:
+        present = io.list_files(folder, (".parquet", ".npy"))
+    except FileNotFoundError:
+        present = []
+    for uri in present:
+        if uri.rsplit("/", 1)[-1].split("-", 1)[0].split(".", 1)[0] not in keep:
+            io.remove(uri)
+    keys = np.concatenate([io.read_npy(keys_uri(folder, f.key)) for f in files]) if files else np.zeros((0, 2))
+    corpus = Corpus(folder, chunk_records, files, duplicates(keys.astype(np.uint64)), len(todo))
+    progress(f"records: {corpus.records} in {len(files)} file(s)"
+             + (f", {len(corpus.duplicate_of)} later copies of an id" if corpus.duplicate_of else ""))
+    return corpus
