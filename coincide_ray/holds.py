@@ -1,7 +1,8 @@
 """Test-only hold points: COINCIDE_RAY_TEST_HOLD=<point>:<n> parks a run at a known place
 so that a crash test can kill it there, with no timing race deciding the verdict. Points:
 `embed-block:N` (every block numbered N or more waits instead of being published, so exactly
-blocks 0..N-1 are written), `embed-model:N` (a model actor holds every block numbered N or
+blocks 0..N-1 are written), `embed-prepare:N` (a preparer holds every block numbered N or
+more before preparing it), `embed-model:N` (a model actor holds every block numbered N or
 more before running the model) and `kmeans-iteration:N` (the driver waits before iteration N).
 `<point>:<n>:<file>` waits only until `file` exists, then goes on: a test can change the
 cluster (remove a node) at a known place and see the same run finish.

@@ -4,9 +4,10 @@ The driver never holds the records. Each input file is read by one Ray task, str
 (records.file_rows), and cut into shards of `chunk_records` records under
 output/records/: the record's JSON text, its row in the file, and the reason it is not
 JSON at all when it is not. Beside each file's shards a .keys.npy file holds a 16-byte key
-of every record's id (zero where the row does not parse as a record). The driver reads the
-keys alone (16 bytes a record) and finds the duplicate ids with numpy: the first copy that
-parses wins, as records.accepted_records decides it in one process.
+of every record's id (zero where the row does not parse as a record). One more task reads
+the keys alone (16 bytes a record) and finds the duplicate ids with numpy: the first copy
+that parses wins, as records.accepted_records decides it in one process. The driver gets
+back only the duplicates.
 
 The blocks every stage works on are cut from the shards in canonical order (file, then
 position), so block i always holds the same records. A block travels between Ray tasks as a
@@ -22,14 +23,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from coincide_ray import io
-from coincide_ray.records import RECORD_SUFFIXES, Record, Rejection, file_rows, load_row, parse_record
+from coincide_ray.records import (RECORD_SUFFIXES, Record, Rejection, file_rows, load_row, parse_record,
+                                  unparsable_reason)
 
 RECORDS_DIR = "records"
 INDEX_NAME = "_index.json"
@@ -66,10 +68,10 @@ def shard_file(uri: str, folder: str, key: str, chunk_records: int) -> int:
         io.write_parquet(table, shard_uri(folder, key, (len(keys) - 1) // chunk_records))
         rows.clear(), texts.clear(), problems.clear()
 
-    for row, text, problem in file_rows(uri):
-        item = parse_record(load_row(text, problem), f"{uri}#{row}")
+    for row, text, raw in file_rows(uri):
+        item = parse_record(raw, f"{uri}#{row}")
         keys.append(id_key(item.id) if isinstance(item, Record) else (0, 0))
-        rows.append(row), texts.append(text), problems.append(problem)
+        rows.append(row), texts.append(text), problems.append(unparsable_reason(raw))
         if len(rows) == chunk_records:
             flush()
     if rows:
@@ -127,8 +129,7 @@ class Corpus:
                 inside = at - offsets[file]
                 chunk, row = divmod(int(inside), self.chunk_records)
                 take = int(min(stop - at, self.chunk_records - row, offsets[file + 1] - at))
-                spans.append([shard_uri(self.folder, self.files[file].key, chunk), self.files[file].uri,
-                              chunk * self.chunk_records, row, row + take])
+                spans.append([shard_uri(self.folder, self.files[file].key, chunk), self.files[file].uri, row, row + take])
                 at += take
             inside = later[np.searchsorted(later, start):np.searchsorted(later, stop)]
             duplicates = [[int(index) - start, self.position(self.duplicate_of[int(index)], offsets)]
@@ -140,23 +141,21 @@ class Corpus:
 def read_block(row: dict) -> list[Record | Rejection]:
     """The records of a block row (Corpus.block_rows), checked, in canonical order: every
     record as records.parse_record judges it, later copies of an id rejected as duplicates."""
-    items: list[Record | Rejection] = []
-    for shard, file_uri, first_row, start, stop in json.loads(row["spans"]):
+    return [item for item, _ in raw_texts(row)]
+
+
+def raw_texts(row: dict) -> list[tuple[Record | Rejection, bytes | None]]:
+    """(item as read_block gives it, the record's JSON text as the input holds it) for each
+    record of a block row."""
+    pairs: list[tuple[Record | Rejection, bytes | None]] = []
+    for shard, file_uri, start, stop in json.loads(row["spans"]):
         table = io.read_parquet(shard).slice(start, stop - start)
         for number, text, problem in zip(*(table.column(name).to_pylist() for name in SHARD_SCHEMA.names)):
-            items.append(parse_record(load_row(text, problem), f"{file_uri}#{number}"))
+            pairs.append((parse_record(load_row(text, problem), f"{file_uri}#{number}"), text))
     for offset, first in json.loads(row["duplicates"]):
-        item = items[offset]
-        items[offset] = Rejection(item.id, "read", "duplicate id", f"{item.position}; first at {first}")
-    return items
-
-
-def raw_texts(row: dict) -> Iterator[tuple[Record | Rejection, bytes | None]]:
-    """(item, the record's JSON text as the input holds it) for each record of a block row."""
-    texts = []
-    for shard, _, _, start, stop in json.loads(row["spans"]):
-        texts += io.read_parquet(shard, ["text"]).slice(start, stop - start).column("text").to_pylist()
-    return zip(read_block(row), texts)
+        item, text = pairs[offset]
+        pairs[offset] = (Rejection(item.id, "read", "duplicate id", f"{item.position}; first at {first}"), text)
+    return pairs
 
 
 class KeySet:
@@ -183,13 +182,14 @@ class KeySet:
         return found
 
 
-def map_blocks(corpus: Corpus, block_records: int, fn: Callable, *args, blocks_per_task: int = 8) -> list:
-    """[fn(block row, *args) for every block], in block order, run by Ray tasks of
-    `blocks_per_task` blocks each (a quarter CPU each: they mostly wait on storage). Large
-    arguments go to the object store once."""
+def map_blocks(corpus: Corpus, block_records: int, fn: Callable, *args, blocks: list[int] | None = None,
+               blocks_per_task: int = 8) -> list:
+    """[fn(block row, *args) for every block (or each of `blocks`)], in block order, run by
+    Ray tasks of `blocks_per_task` blocks each (a quarter CPU each: they mostly wait on
+    storage). Large arguments go to the object store once."""
     import ray
 
-    rows = corpus.block_rows(block_records)
+    rows = corpus.block_rows(block_records, blocks)
     shared = [ray.put(arg) for arg in args]
     task = ray.remote(num_cpus=0.25, max_retries=3, retry_exceptions=[io.StorageError])(_map_rows)
     refs = [task.remote(fn, rows[start:start + blocks_per_task], *shared)
@@ -217,14 +217,32 @@ def input_files(input_uri: str) -> list[tuple[str, str]]:
 
 def duplicates(keys: np.ndarray) -> dict[int, int]:
     """{later copy: first copy} over the global index, from the (N, 2) uint64 id keys (zero:
-    not a record, never a duplicate)."""
-    valid = np.flatnonzero(keys.any(axis=1))
-    if not len(valid):
-        return {}
-    packed = np.ascontiguousarray(keys[valid]).view([("high", np.uint64), ("low", np.uint64)]).ravel()
-    _, first, inverse = np.unique(packed, return_index=True, return_inverse=True)
-    later = np.flatnonzero(first[inverse.ravel()] != np.arange(len(valid)))
-    return {int(valid[i]): int(valid[first[inverse.ravel()[i]]]) for i in later}
+    not a record, never a duplicate). One stable sort of indices; beyond the keys, memory is
+    about 24 bytes a record at the peak."""
+    order = np.lexsort((keys[:, 1], keys[:, 0]))  # stable: equal keys stay in input order
+    same = np.ones(max(len(order) - 1, 0), dtype=bool)
+    for column in (0, 1):
+        ordered = keys[order, column]
+        same &= ordered[1:] == ordered[:-1]
+        del ordered
+    same &= keys[order[1:]].any(axis=1)
+    found: dict[int, int] = {}
+    for i in np.flatnonzero(same) + 1:  # the later copies, in sorted order
+        first = found.get(int(order[i - 1]), int(order[i - 1]))
+        found[int(order[i])] = first
+    return found
+
+
+def find_duplicates(keys_files: list[str], records: int) -> dict[int, int]:
+    """duplicates() over every input file's keys, read into one array (a Ray task when the
+    job runs: the driver never holds N keys)."""
+    keys = np.empty((records, 2), dtype=np.uint64)
+    at = 0
+    for uri in keys_files:
+        part = io.read_npy(uri)
+        keys[at:at + len(part)] = part
+        at += len(part)
+    return duplicates(keys)
 
 
 def prepare(input_uri: str, output: str, chunk_records: int, progress: Callable[[str], None] = print,
@@ -271,8 +289,15 @@ def prepare(input_uri: str, output: str, chunk_records: int, progress: Callable[
     for uri in present:
         if uri.rsplit("/", 1)[-1].split("-", 1)[0].split(".", 1)[0] not in keep:
             io.remove(uri)
-    keys = np.concatenate([io.read_npy(keys_uri(folder, f.key)) for f in files]) if files else np.zeros((0, 2))
-    corpus = Corpus(folder, chunk_records, files, duplicates(keys.astype(np.uint64)), len(todo))
+    keys_files, total = [keys_uri(folder, f.key) for f in files], sum(f.records for f in files)
+    if shard_remote is None:
+        duplicate_of = find_duplicates(keys_files, total)
+    else:
+        import ray
+
+        task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[io.StorageError])(find_duplicates)
+        duplicate_of = ray.get(task.remote(keys_files, total))
+    corpus = Corpus(folder, chunk_records, files, duplicate_of, len(todo))
     progress(f"records: {corpus.records} in {len(files)} file(s)"
              + (f", {len(corpus.duplicate_of)} later copies of an id" if corpus.duplicate_of else ""))
     return corpus

@@ -72,29 +72,36 @@ def read_raw_records(uri: str) -> Iterator[tuple[str, dict | Any]]:
     """(position, raw record) for every record under `uri`, in canonical order, streamed:
     one record at a time is in memory, whatever the format."""
     for path in io.list_files(uri, RECORD_SUFFIXES):
-        for row, text, problem in file_rows(path):
-            yield f"{path}#{row}", load_row(text, problem)
+        for row, _, raw in file_rows(path):
+            yield f"{path}#{row}", raw
 
 
-def file_rows(path: str) -> Iterator[tuple[int, bytes | None, str | None]]:
-    """(row, the record's JSON text in UTF-8, problem) for every record of one input file, in
-    order, streamed. `problem` says why a row is not JSON at all (then `text` is None); a
-    file that cannot be read as its format raises io.InputFormatError."""
+def file_rows(path: str) -> Iterator[tuple[int, bytes | None, Any]]:
+    """(row, the record's JSON text in UTF-8, the raw record) for every record of one input
+    file, in order, streamed. A row that is not JSON at all has no text and an _Unparsable
+    raw record saying why; a file that cannot be read as its format raises
+    io.InputFormatError."""
     if path.endswith(".parquet"):
-        rows = (io.json_text(parquet_row(row)) for batch in io.iter_parquet(path) for row in batch.to_pylist())
-        yield from ((row, text, None) for row, text in enumerate(rows))
+        rows = (parquet_row(row) for batch in io.iter_parquet(path) for row in batch.to_pylist())
+        yield from ((row, io.json_text(raw), raw) for row, raw in enumerate(rows))
     elif path.endswith(".jsonl"):
         yield from jsonl_rows(path)
     else:
-        yield from ((row, text, None) for row, text in enumerate(json_list_items(path)))
+        yield from ((row, text, raw) for row, (text, raw) in enumerate(json_list_items(path)))
 
 
 def load_row(text: bytes | None, problem: str | None) -> Any:
-    """The raw record of a row of file_rows (an _Unparsable when it is not JSON)."""
+    """The raw record again from what a record shard keeps of it: its JSON text, or why it
+    is not JSON (unparsable_reason)."""
     return _Unparsable(problem) if problem is not None else json.loads(text)
 
 
-def jsonl_rows(path: str) -> Iterator[tuple[int, bytes | None, str | None]]:
+def unparsable_reason(raw: Any) -> str | None:
+    """Why a row of file_rows is not JSON at all; None when it is."""
+    return raw.message if isinstance(raw, _Unparsable) else None
+
+
+def jsonl_rows(path: str) -> Iterator[tuple[int, bytes | None, Any]]:
     """One record per line. Lines end at \\n only: U+2028, U+2029 and NEL are allowed raw
     inside JSON strings, so str.splitlines() would cut records apart."""
     row = 0
@@ -104,12 +111,11 @@ def jsonl_rows(path: str) -> Iterator[tuple[int, bytes | None, str | None]]:
             if not line.strip():
                 continue
             try:
-                json.loads(line.decode("utf-8"))
-                yield row, line, None
+                yield row, line, json.loads(line.decode("utf-8"))
             except UnicodeDecodeError as error:
-                yield row, None, f"line {number}: not valid UTF-8 (byte {error.start})"
+                yield row, None, _Unparsable(f"line {number}: not valid UTF-8 (byte {error.start})")
             except json.JSONDecodeError as error:
-                yield row, None, f"line {number}: {error.msg}"
+                yield row, None, _Unparsable(f"line {number}: {error.msg}")
             row += 1
 
 
@@ -119,8 +125,8 @@ _DECODER = json.JSONDecoder()
 _SPACE = re.compile(r"[ \t\n\r]*")
 
 
-def json_list_items(path: str, chunk: int = READ_CHUNK) -> Iterator[bytes]:
-    """The JSON text of each element of a file holding one JSON list, streamed: the file is
+def json_list_items(path: str, chunk: int = READ_CHUNK) -> Iterator[tuple[bytes, Any]]:
+    """(JSON text, value) of each element of a file holding one JSON list, streamed: the file is
     read `chunk` bytes at a time and each element is cut out by the standard library's own
     decoder (json.JSONDecoder.raw_decode), so every element means exactly what json.loads
     of the whole file would make of it (big integers, NaN, lone surrogates, repeated keys),
@@ -160,7 +166,7 @@ def json_list_items(path: str, chunk: int = READ_CHUNK) -> Iterator[bytes]:
                     expect, at = ("value" if char == "," else "done"), at + 1
                 else:
                     try:
-                        _, end = _DECODER.raw_decode(text, at)
+                        value, end = _DECODER.raw_decode(text, at)
                     except json.JSONDecodeError as error:
                         # the chunk may end inside a string or within a token's length of the error
                         cut_short = error.pos >= len(text) - TOKEN_SLACK or error.msg.startswith("Unterminated")
@@ -169,7 +175,7 @@ def json_list_items(path: str, chunk: int = READ_CHUNK) -> Iterator[bytes]:
                         break  # the record goes on in the next chunk
                     if end == len(text) and not final:
                         break  # a number at the very end may go on in the next chunk
-                    yield text[at:end].encode("utf-8", "surrogatepass")
+                    yield text[at:end].encode("utf-8", "surrogatepass"), value
                     row += 1
                     expect, at = "comma", end
                 at = _SPACE.match(text, at).end()

@@ -30,6 +30,9 @@ SELECTION = pa.schema([(SAMPLE_ID, pa.string()), (CLUSTER, pa.int64()), (RANK, p
 STRATEGY_SELECTION = pa.schema([(SAMPLE_ID, pa.string()), (CLUSTER, pa.int64()), (SELECTED, pa.bool_())])
 REJECTED = pa.schema([(SAMPLE_ID, pa.string()), (STAGE, pa.string()), (REASON, pa.string()), (DETAIL, pa.string())])
 
+# an optional model input beside the processor's: attended tokens to skip on text-only rows
+LANGUAGE_START = "language_start"
+
 IMAGE_TOKENS = "image_tokens"
 TEXT_TOKENS = "text_tokens"
 # sha256 of what determines a record's vector: model, layers, conversations, image bytes

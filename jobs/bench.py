@@ -26,7 +26,7 @@ sys.path.insert(0, str(BENCH))
 
 from benchkit import report  # noqa: E402
 SCRIPTS = ["bench_select.py", "bench_kmeans.py", "bench_embed.py", "bench_selection_stage.py", "bench_real_dimension.py",
-           "bench_cluster_traffic.py", "bench_batching.py", "bench_fetch.py"]
+           "bench_cluster_traffic.py", "bench_batching.py", "bench_fetch.py", "bench_scale.py"]
 
 
 def is_figure(line: str) -> bool:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-LANGUAGE_START = "language_start"  # optional input: attended tokens to skip on text-only rows
+from coincide_ray.schema import LANGUAGE_START  # an optional input: attended tokens to skip
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from coincide_ray import io
-from coincide_ray.embed.msa import LANGUAGE_START
+from coincide_ray.schema import LANGUAGE_START
 from coincide_ray.embed.reuse import PreviousVectors, record_fingerprint
 from coincide_ray.records import Record, RecordProblem, Rejection, chat_messages
 

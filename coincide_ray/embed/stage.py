@@ -28,7 +28,6 @@ import ray
 from coincide_ray import io, record_shards, schema
 from coincide_ray.config import EmbedConfig, JobConfig
 from coincide_ray.embed import model as model_io
-from coincide_ray.embed.msa import default_layers, extract_msa_embeddings
 from coincide_ray.embed.preprocess import (STAGE, PreparedBlock, Preprocessor, block_signature, decode_image,
                                            fetch_image, fingerprint_block, rejection)
 from coincide_ray.embed.reuse import PreviousVectors, fetch_vectors, run_salt
@@ -55,7 +54,9 @@ def plan_blocks(input_uri: str, block_records: int) -> list[list[Record | Reject
 class PrepareWorker:
     """Ray Data UDF (CPU actor): a block's records -> model-ready batches."""
 
-    def __init__(self, model_uri: str, embed: EmbedConfig, image_root: str | None, salt: str, previous):
+    def __init__(self, model_uri: str, embed: EmbedConfig, image_root: str | None, salt: str, previous,
+                 publish: Publish | None = None):
+        self.publish = publish or Publish("")
         folder = model_io.local_copy(model_uri, embed.model_cache)
         processor = model_io.load_processor(model_uri, embed)
         if isinstance(previous, ray.ObjectRef):
@@ -66,21 +67,26 @@ class PrepareWorker:
                                          **model_io.preprocessing(folder, embed.trust_remote_code))
 
     def __call__(self, row: dict) -> dict:
+        hold_from = self.publish.hold_prepare
+        if hold_from is not None and row["block"] >= hold_from:
+            hold(f"preparer holds block {row['block']}", self.publish.release)
         prepared = self.preprocessor.prepare(row["block"], record_shards.read_block(row))
         return {"block": row["block"], "prepared": prepared.to_bytes()}
 
 
 @dataclass(frozen=True)
 class Publish:
-    """Where a model actor publishes its blocks. `hold_model` and `hold_block` (tests only,
-    coincide_ray.holds): blocks numbered from there on wait before the model runs, or wait
-    instead of being published, for ever or until the `release` file exists."""
+    """Where a model actor publishes its blocks. `hold_prepare`, `hold_model` and
+    `hold_block` (tests only, coincide_ray.holds): blocks numbered from there on wait before
+    they are prepared, before the model runs, or instead of being published, for ever or
+    until the `release` file exists."""
 
     output: str
     vector_dtype: str = "float32"
     hold_model: int | None = None
     hold_block: int | None = None
     release: str | None = None
+    hold_prepare: int | None = None
 
 
 class ModelWorker:
@@ -100,6 +106,8 @@ class ModelWorker:
         self.layers = layers
 
     def embed(self, inputs: dict) -> np.ndarray:
+        from coincide_ray.embed.msa import extract_msa_embeddings  # torch: model actors only
+
         return extract_msa_embeddings(self.loaded.model, inputs, self.layers)
 
     def embed_block(self, prepared: PreparedBlock) -> "EmbeddedBlock":
@@ -251,6 +259,8 @@ def resolve_layers(config: JobConfig) -> tuple[JobConfig, int]:
     """The config with its layers decided (default_layers of the decoder's depth when none
     were given), and the decoder's hidden size."""
     from transformers import AutoConfig
+
+    from coincide_ray.embed.msa import default_layers
 
     hf = AutoConfig.from_pretrained(model_io.local_copy(config.model, config.embed.model_cache),
                                     trust_remote_code=config.embed.trust_remote_code)
@@ -506,19 +516,18 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
     dimension = 2 * len(config.layers) * hidden
     salt = run_salt(made["model_fingerprint"], config.layers, config.embed.max_image_pixels)
     progress(f"embed: model {config.model}, layers {list(config.layers)}, dimension {dimension}")
-    corpus = record_shards.prepare(config.input, out, config.embed.block_records, lambda line: progress(f"embed: {line}"),
-                            record_shards.ray_task())
-    blocks, records = corpus.blocks(config.embed.block_records), corpus.records
+    per_block = config.embed.block_records
+    corpus = record_shards.prepare(config.input, out, per_block, lambda line: progress(f"embed: {line}"),
+                                   record_shards.ray_task())
+    blocks, records = corpus.blocks(per_block), corpus.records
     existing = part_files(out)
     unchanged = {}
     candidates = [i for i in range(blocks) if part_name(i) in existing]
     if candidates:
         progress(f"embed: checking {len(candidates)} finished block(s) against the input (ids, content, images)")
-        checks = ray.data.from_items(corpus.block_rows(config.embed.block_records, candidates),
-                                     override_num_blocks=len(candidates))
-        checks = checks.map(check_block, fn_kwargs={"output": out, "image_root": config.image_root, "salt": salt,
-                                                    "dimension": dimension}, num_cpus=0.25)
-        unchanged = {c["block"]: c for c in checks.iter_rows() if c["unchanged"]}
+        checks = record_shards.map_blocks(corpus, per_block, check_block, out, config.image_root, salt, dimension,
+                                          blocks=candidates)
+        unchanged = {c["block"]: c for c in checks if c["unchanged"]}
     pending = [i for i in range(blocks) if i not in unchanged]
     progress(f"embed: {records} records in {blocks} blocks; {len(unchanged)} finished and unchanged, "
              f"{len(pending)} to embed")
@@ -526,12 +535,12 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
     reused_here = sum(check["records"] - check["rejected"] for check in unchanged.values())
     plan = None
     publish = Publish(out, config.embed.vector_dtype, hold_point("embed-model"), hold_point("embed-block"),
-                      release_file())
+                      release_file(), hold_point("embed-prepare"))
     previous = reusable_previous(config, made, progress) if pending else None
     if previous is not None:
         previous = ray.put(previous)  # sent once to every CPU worker
-        whole = reuse_whole_blocks(corpus.block_rows(config.embed.block_records, pending), config.image_root, salt, config.embed.max_image_pixels, previous,
-                                   publish)
+        whole = reuse_whole_blocks(corpus, per_block, pending, config.image_root, salt, config.embed.max_image_pixels,
+                                   previous, publish)
         if whole:
             reused_previous += sum(summary["reused"] for summary in whole.values())
             pending = [i for i in pending if i not in whole]
@@ -546,9 +555,9 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
             progress(f"embed: waited {waited:.0f} s for the cluster; starting")
         plan = {"device": pool.device, "model_actors": list(pool.actors), "gpus_per_actor": pool.gpus,
                 "torch_threads": pool.threads, "preparers": list(pool.preparers), "waited_s": round(waited, 1)}
-        ds = ray.data.from_items(corpus.block_rows(config.embed.block_records, pending),
-                                 override_num_blocks=len(pending))
-        ds = ds.map(PrepareWorker, fn_constructor_args=(config.model, config.embed, config.image_root, salt, previous),
+        ds = ray.data.from_items(corpus.block_rows(per_block, pending), override_num_blocks=len(pending))
+        ds = ds.map(PrepareWorker, fn_constructor_args=(config.model, config.embed, config.image_root, salt, previous,
+                                                        publish),
                     compute=ray.data.ActorPoolStrategy(min_size=pool.preparers[0], max_size=pool.preparers[1]),
                     num_cpus=1)
         ds = ds.map(ModelWorker, fn_constructor_args=(config.model, config.embed, config.layers, pool.threads, publish),
@@ -603,15 +612,14 @@ def reuse_block(row: dict, image_root: str | None, salt: str, max_image_pixels: 
     return {**write_block(result, publish), "written": True}
 
 
-def reuse_whole_blocks(rows: list[dict], image_root: str | None, salt: str, max_image_pixels: int,
-                       previous, publish: Publish) -> dict[int, dict]:
+def reuse_whole_blocks(corpus: record_shards.Corpus, block_records: int, pending: list[int], image_root: str | None,
+                       salt: str, max_image_pixels: int, previous, publish: Publish) -> dict[int, dict]:
     """{block: write_block's counts} of the pending blocks --previous covers whole: written
     by CPU tasks, so an unchanged night starts no model actor. The blocks left go to the
-    model pipeline, which fetches their images again."""
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.map(reuse_block, fn_kwargs={"image_root": image_root, "salt": salt, "max_image_pixels": max_image_pixels,
-                                        "previous": previous, "publish": publish}, num_cpus=0.25)
-    return {row["block"]: row for row in ds.iter_rows() if row["written"]}
+    model pipeline, which fetches their images."""
+    done = record_shards.map_blocks(corpus, block_records, reuse_block, image_root, salt, max_image_pixels, previous,
+                                    publish, blocks=pending)
+    return {row["block"]: row for row in done if row["written"]}
 
 
 def reusable_previous(config: JobConfig, made: dict, progress) -> PreviousVectors | None:

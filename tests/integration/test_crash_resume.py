@@ -124,3 +124,34 @@ def test_a_stop_signal_mid_embed_ends_in_one_line(tmp_path, tiny_model, signum):
     last = text.strip().splitlines()[-1]
     assert last.startswith(f"coincide-ray: stopped by {signal.Signals(signum).name}"), text[-2000:]
     assert io.exists(io.join(base, "out", schema.IN_PROGRESS_PATH))  # what a stopped run leaves says so
+
+
+@pytest.mark.slow
+def test_part_files_appear_while_preparation_runs_and_survive_a_kill(tmp_path, tiny_model, capsys):
+    """A preparer holds block 3 and every later one: blocks 0-2 must reach storage while
+    preparation is still running (before, the writer waited for a CPU the pools held until
+    every block was prepared, and a kill then lost all the work). kill -9, then the same
+    command embeds only the blocks that were missing."""
+    base = str(tmp_path)
+    write_corpus(io.join(base, "corpus", "records.json"), io.join(base, "corpus"), 40, seed=8, broken=False)
+    argv = ["embed", "--input", io.join(base, "corpus", "records.json"), "--image-root", io.join(base, "corpus"),
+            "--model", tiny_model, "--layers", "1,3", "--output", io.join(base, "out"),
+            "--config", job_yaml(tmp_path, "job", block_records=4, batch_size=2)]
+    parts = os.path.join(base, "out", "embeddings")
+
+    def written() -> list[str]:
+        return sorted(p for p in os.listdir(parts) if p.endswith(".parquet")) if os.path.isdir(parts) else []
+
+    log_path = tmp_path / "driver.log"
+    with open(log_path, "wb") as log:
+        kill_when(start_driver(argv, log, "embed-prepare:3"),
+                  lambda: len(written()) == 3 and b"test hold: preparer holds block 3" in log_path.read_bytes(),
+                  timeout=300)
+    survivors = {p: os.stat(os.path.join(parts, p)).st_mtime_ns for p in written()}
+    assert sorted(survivors) == [f"part-{i:06d}.parquet" for i in range(3)]
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "40 records in 10 blocks; 3 finished and unchanged, 7 to embed" in capsys.readouterr().err
+    for name, mtime in survivors.items():  # kept, not rewritten
+        assert os.stat(os.path.join(parts, name)).st_mtime_ns == mtime
+    assert len(written()) == 10

@@ -95,3 +95,22 @@ def test_key_sets_answer_membership_exactly():
     asked = [f"id{i}" for i in range(1000)] + ["", "id\ud800"]
     assert keys.holds(asked).tolist() == [i % 3 == 0 for i in range(1000)] + [False, False]
     assert record_shards.KeySet([]).holds(["a"]).tolist() == [False]
+
+
+def test_duplicates_name_the_first_copy_of_every_repeated_key():
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    distinct = rng.integers(1, 2**63, (30, 2), dtype=np.uint64)
+    keys = distinct[rng.integers(0, 30, 400)]
+    keys[rng.integers(0, 400, 40)] = 0  # rows that are not records are never duplicates
+    first, expected = {}, {}
+    for index, key in enumerate(map(tuple, keys.tolist())):
+        if key == (0, 0):
+            continue
+        if key in first:
+            expected[index] = first[key]
+        else:
+            first[key] = index
+    assert record_shards.duplicates(keys) == expected
+    assert record_shards.duplicates(np.zeros((0, 2), dtype=np.uint64)) == {}

@@ -80,7 +80,9 @@ def test_three_formats_in_canonical_order(tmp_path):
 def _elements(path, chunk):
     from coincide_ray.records import json_list_items
 
-    return [json.loads(text) for text in json_list_items(str(path), chunk=chunk)]
+    elements = list(json_list_items(str(path), chunk=chunk))
+    assert all(json.dumps(json.loads(text)) == json.dumps(value) for text, value in elements)  # the text is the value's
+    return [value for _, value in elements]
 
 
 HARD_VALUES = [
