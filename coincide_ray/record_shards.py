@@ -186,11 +186,11 @@ def map_blocks(corpus: Corpus, block_records: int, fn: Callable, *args, blocks: 
                blocks_per_task: int = 8) -> list:
     """[fn(block row, *args) for every block (or each of `blocks`)], in block order, run by
     Ray tasks of `blocks_per_task` blocks each (a quarter CPU each: they mostly wait on
-    storage). Large arguments go to the object store once."""
+    storage). Each argument goes to the object store once; one already there is passed as it is."""
     import ray
 
     rows = corpus.block_rows(block_records, blocks)
-    shared = [ray.put(arg) for arg in args]
+    shared = [arg if isinstance(arg, ray.ObjectRef) else ray.put(arg) for arg in args]
     task = ray.remote(num_cpus=0.25, max_retries=3, retry_exceptions=[io.StorageError])(_map_rows)
     refs = [task.remote(fn, rows[start:start + blocks_per_task], *shared)
             for start in range(0, len(rows), blocks_per_task)]

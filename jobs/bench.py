@@ -1,13 +1,16 @@
 """Every benchmark figure in one command: one line per figure (name, value, unit, baseline,
 ratio, target, verdict), each measured against its baseline in the same run.
 
-    python jobs/bench.py            # the figures of record (BENCHMARKS.md); about 30 minutes on 2 cores
+    python jobs/bench.py            # the figures of record (BENCHMARKS.md); about 55 minutes on 2 cores
     python jobs/bench.py --quick    # every script at small sizes: a few minutes, checks they all work
 
 Runs, in turn: greedy MMD vs a naive ranking and one kernel (bench_select.py), k-means on Ray
 vs faiss (bench_kmeans.py), the embedding pipeline vs a bare loop (bench_embed.py), the
-select stage at growing N (bench_selection_stage.py), and the demo end to end (jobs/demo.py),
-whose time per stage is shown against the whole run.
+select stage at growing N (bench_selection_stage.py), the real dimension, driver traffic,
+padding and image fetching (bench_real_dimension.py, bench_cluster_traffic.py,
+bench_batching.py, bench_fetch.py), the whole job at 665,000 and 5,000,000 records
+(bench_scale.py: about 25 of the minutes), and the demo end to end (jobs/demo.py), whose time
+per stage is shown against the whole run.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The whole job at the scale it is for: driver memory, the record path, the first part file, reruns.
 
     python jobs/bench/bench_scale.py            # 665,000 records (one JSON list) and 5,000,000 (10 JSONL files)
-    python jobs/bench/bench_scale.py --quick    # 6,000 and 20,000: checks the script works
+    python jobs/bench/bench_scale.py --quick    # 3,000 and 6,000: checks the script works
 
 Its own child process first writes LLaVA-shaped corpora (1-6 turn pairs, answers log-normal
 around 150 characters, 6% text-only) whose images are drawn from a pool of real JPEG files.
@@ -251,7 +251,7 @@ def main() -> int:
         generate(kind, int(n), target, int(pool))
         return 0
     quick = args.quick
-    sizes = [("list", 6_000), ("jsonl", 20_000)] if quick else [("list", 665_000), ("jsonl", 5_000_000)]
+    sizes = [("list", 3_000), ("jsonl", 6_000)] if quick else [("list", 665_000), ("jsonl", 5_000_000)]
     if args.sizes:
         sizes = [(kind, int(n)) for kind, n in (size.split(":") for size in args.sizes.split(","))]
     pool = 40 if quick else 3000

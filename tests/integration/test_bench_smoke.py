@@ -14,7 +14,7 @@ def test_every_benchmark_runs_in_quick_mode():
     figures = [line for line in out.splitlines() if " baseline " in line and " ratio " in line]
     for prefix in ("mmd_full_ranking", "mmd_first", "mmd_top", "kmeans_ray_", "embed_pipeline_", "stage_", "rd_driver",
                    "rd_worker", "rd_read", "rd_kmeans", "driver_bytes_per_iteration_4_nodes", "demo_", "padding_token_budget", "prepare_images_per_s_40ms",
-                   "scale_6k_list_embed_driver_peak", "scale_20k_jsonl10_record_path", "scale_unchanged_rerun_embed"):
+                   "scale_3k_list_embed_driver_peak", "scale_6k_jsonl10_record_path", "scale_unchanged_rerun_embed"):
         assert any(line.startswith(prefix) for line in figures), prefix
     assert all("(quick)" in line for line in figures)
     objective = next(line for line in figures if line.startswith("kmeans_ray_objective"))

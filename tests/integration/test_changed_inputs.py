@@ -184,7 +184,10 @@ def test_hostile_records_end_in_the_accounting_and_selected_json(tmp_path, tiny_
     assert any(r == "unparsable record" for r in reasons.values())
     assert set(selection["sample_id"]) == {"sep", "pq1"} | {r["id"] for r in good}
     assert all(selection["selected"])
-    chosen = {r["id"]: r for r in io.read_json(io.join(out, schema.SELECTED_RECORDS_PATH))}
+    written = io.read_json(io.join(out, schema.SELECTED_RECORDS_PATH))
+    # one entry per selected id, no rejected copy beside it (a dict keyed by id would hide one)
+    assert len(written) == len(selection["sample_id"]) and len({r["id"] for r in written}) == len(written)
+    chosen = {r["id"]: r for r in written}
     assert chosen[good[1]["id"]] == good[1]  # the good copy, not the malformed first one
     assert chosen["sep"]["conversations"][0]["value"] == "a\u2028b\u2029c"
     assert chosen["pq1"]["conversations"] == turns and chosen["pq1"]["when"] == "2026-01-02T03:04:00"

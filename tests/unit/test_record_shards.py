@@ -114,3 +114,20 @@ def test_duplicates_name_the_first_copy_of_every_repeated_key():
             first[key] = index
     assert record_shards.duplicates(keys) == expected
     assert record_shards.duplicates(np.zeros((0, 2), dtype=np.uint64)) == {}
+
+
+def test_selected_records_are_the_accepted_copies_once_each(tmp_path):
+    """selected.json's pieces, block by block: every selected id once, as its accepted copy;
+    no malformed first copy and no later duplicate beside it."""
+    from coincide_ray.pipeline import selected_texts
+
+    folder = corpus_files(tmp_path / "in")
+    corpus = record_shards.prepare(str(folder), str(tmp_path / "out"), 7, progress=lambda line: None)
+    accepted = {item.id: raw for _, raw, item in accepted_records(str(folder)) if isinstance(item, Record)}
+    wanted = sorted(accepted)[::2]
+    pieces = [selected_texts(row, [record_shards.KeySet(wanted)])[0] for row in corpus.block_rows(7)]
+    written = [json.loads(text) for piece in pieces for text in piece]
+    assert len(written) == len(wanted) == len({r["id"] for r in written})
+    assert sorted(r["id"] for r in written) == wanted
+    for record in written:
+        assert record == accepted[record["id"]]
