@@ -23,7 +23,8 @@ from coincide_ray import io, record_shards, schema
 from coincide_ray.config import JobConfig
 from coincide_ray.manifest import (clear_in_progress, cluster_warnings, command_line, fingerprint, health,
                                    library_versions, mark_in_progress)
-from coincide_ray.report import label_figures, label_warning
+from coincide_ray.records import Record
+from coincide_ray.report import block_labels, block_records_of, label_figures, label_warning
 from coincide_ray.report import render as render_report
 from coincide_ray.stages import Finished, finished, publish, sha256, stage_key
 
@@ -50,13 +51,15 @@ class EmbedStats:
     reused_previous: int = 0  # vectors copied from --previous
 
 
-def selected_records_json(corpus, block_records: int, subsets: dict[str, set[str]]) -> dict[str, tuple[bytes, int]]:
+def selected_records_json(corpus: record_shards.Corpus, block_records: int,
+                          subsets: dict[str, set[str]]) -> dict[str, tuple[bytes, int]]:
     """Per subset (name -> selected ids): the selected records as the input holds them, in
     canonical order, as one JSON list, and how many; for an id with several copies, the copy
     that was accepted. Ray tasks read the record shards, block by block; the driver joins
     their pieces and never parses a record."""
     names = list(subsets)
-    pieces = record_shards.map_blocks(corpus, block_records, selected_texts, [record_shards.KeySet(subsets[n]) for n in names])
+    keysets = [record_shards.KeySet(subsets[name]) for name in names]
+    pieces = record_shards.map_blocks(corpus, block_records, selected_texts, keysets)
     out = {}
     for k, name in enumerate(names):
         texts = [text for piece in pieces for text in piece[k]]
@@ -64,25 +67,22 @@ def selected_records_json(corpus, block_records: int, subsets: dict[str, set[str
     return out
 
 
-def input_corpus(config: JobConfig, progress: Progress):
+def input_corpus(config: JobConfig, progress: Progress) -> record_shards.Corpus:
     """The input's record shards under the output (made by the embed stage when it ran here;
     made now, or brought up to date, otherwise)."""
-    return record_shards.prepare(config.input, config.output, config.embed.block_records, progress, record_shards.ray_task())
+    return record_shards.prepare(config.input, config.output, config.embed.block_records, progress,
+                                 record_shards.ray_task())
 
 
 def selected_texts(row: dict, keysets: list) -> list[list[bytes]]:
     """For one block: per key set, the JSON text of each accepted record whose id it holds."""
-    from coincide_ray.records import Record
-
     pairs = [(item, text) for item, text in record_shards.raw_texts(row) if isinstance(item, Record)]
     ids = [item.id for item, _ in pairs]
     return [[pairs[i][1] for i in np.flatnonzero(keys.holds(ids))] for keys in keysets]
 
 
-def gallery_lookup(corpus, block_records: int) -> Callable[[set[str]], dict[str, dict]]:
+def gallery_lookup(corpus: record_shards.Corpus, block_records: int) -> Callable[[set[str]], dict[str, dict]]:
     """{id: raw record} of the few ids the report's gallery shows, read by Ray tasks."""
-    from coincide_ray.report import block_records_of
-
     def lookup(wanted: set[str]) -> dict[str, dict]:
         pieces = record_shards.map_blocks(corpus, block_records, block_records_of, record_shards.KeySet(wanted))
         return dict(pair for piece in pieces for pair in piece)
@@ -260,7 +260,8 @@ def rebudget(config: JobConfig, keys: StageKeys, clusters: Clusters, prior: Fini
 
 
 def selection_outputs(config: JobConfig, keys: StageKeys, clusters: Clusters, shards: LazyShards,
-                      prior: Finished | None, corpus, progress: Progress) -> dict[str, bytes]:
+                      prior: Finished | None, corpus: record_shards.Corpus | None,
+                      progress: Progress) -> dict[str, bytes]:
     """Score, budget and rank: the select stage's files, from the previous rankings when
     they serve (a new budget), else from the embeddings on the shard workers."""
     from coincide_ray.select.stage import select_on_ray
@@ -482,8 +483,6 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
     if config.label_fields and config.input:
         masks = {strategy: table.column(schema.SELECTED).to_numpy(zero_copy_only=False)
                  for strategy, table in strategy_tables.items()}
-        from coincide_ray.report import block_labels
-
         fields = list(config.label_fields)
         pieces = record_shards.map_blocks(corpus, config.embed.block_records, block_labels, fields)
         labelled = dict(pair for piece in pieces for pair in piece)

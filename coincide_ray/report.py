@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from coincide_ray import io, schema
+from coincide_ray import io, record_shards, schema
+from coincide_ray.records import Record, accepted_records
 
 WIDTH, HEIGHT, PAD = 520, 300, 40
 SAMPLE_ROWS = 2000  # embeddings read for the projection
@@ -195,9 +196,6 @@ def label_of(raw: dict, fields: list[str]) -> str | None:
 
 def block_labels(row: dict, fields: list[str]) -> list[tuple[str, str]]:
     """(id, label) of each labelled accepted record of one block (a Ray task's share)."""
-    from coincide_ray import record_shards
-    from coincide_ray.records import Record
-
     found = ((item.id, label_of(json.loads(text), fields)) for item, text in record_shards.raw_texts(row)
              if isinstance(item, Record))
     return [(sample_id, label) for sample_id, label in found if label is not None]
@@ -205,9 +203,6 @@ def block_labels(row: dict, fields: list[str]) -> list[tuple[str, str]]:
 
 def block_records_of(row: dict, wanted) -> list[tuple[str, dict]]:
     """(id, raw record) of the accepted records of one block whose id `wanted` holds."""
-    from coincide_ray import record_shards
-    from coincide_ray.records import Record
-
     pairs = [(item, text) for item, text in record_shards.raw_texts(row) if isinstance(item, Record)]
     hits = wanted.holds([item.id for item, _ in pairs])
     return [(pairs[i][0].id, json.loads(pairs[i][1])) for i in np.flatnonzero(hits)]
@@ -215,16 +210,12 @@ def block_records_of(row: dict, wanted) -> list[tuple[str, dict]]:
 
 def in_process_labels(records_uri: str, fields: list[str]) -> dict[str, str]:
     """{id: label} read in this process (small inputs, tests); the job reads it by Ray tasks."""
-    from coincide_ray.records import Record, accepted_records
-
     found = ((item.id, label_of(raw, fields)) for _, raw, item in accepted_records(records_uri)
              if isinstance(item, Record))
     return {sample_id: label for sample_id, label in found if label is not None}
 
 
 def in_process_records(records_uri: str, wanted: set[str]) -> dict[str, dict]:
-    from coincide_ray.records import Record, accepted_records
-
     return {item.id: raw for _, raw, item in accepted_records(records_uri)
             if isinstance(item, Record) and item.id in wanted}
 
