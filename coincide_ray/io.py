@@ -115,8 +115,7 @@ def digest(uri: str) -> str:
     always hashed anew."""
     fs, path = resolve(uri)
     if not isinstance(fs, LocalFileSystem):
-        info = retried(uri, "checking", lambda: fs.info(path))
-        tag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+        tag, _ = _etag(uri)
         return f"etag:{tag}" if tag else "sha256:" + hashlib.sha256(read_bytes(uri)).hexdigest()
     stat = os.stat(path)
     remembered = _digest_key(path, stat)
@@ -147,15 +146,21 @@ def _remember(remembered: str, value: str) -> None:
         pass
 
 
+def _etag(uri: str) -> tuple[str, int | None]:
+    """An object's ETag (without quotes; "" when the store gives none) and size, by one HEAD."""
+    fs, path = resolve(uri)
+    info = retried(uri, "checking", lambda: fs.info(path))
+    return str(info.get("ETag") or info.get("etag") or "").strip('"'), info.get("size")
+
+
 def version(uri: str) -> str:
     """What changes whenever the file's content may have: the ETag and size on an object
     store; locally size, mtime, ctime and inode (any write changes ctime). Unlike digest it
     never reads the file."""
     fs, path = resolve(uri)
     if not isinstance(fs, LocalFileSystem):
-        info = retried(uri, "checking", lambda: fs.info(path))
-        tag = str(info.get("ETag") or info.get("etag") or "").strip('"')
-        return f"etag:{tag}:{info.get('size')}" if tag else digest(uri)
+        tag, size = _etag(uri)
+        return f"etag:{tag}:{size}" if tag else digest(uri)
     stat = os.stat(path)
     return f"stat:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}"
 

@@ -19,7 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from coincide_ray import io, record_shards, schema
+from coincide_ray import io, schema
+from coincide_ray.corpus import shards as record_shards
+from coincide_ray.corpus import stage as corpus_stage
 from coincide_ray.config import JobConfig
 from coincide_ray.manifest import (clear_in_progress, cluster_warnings, command_line, fingerprint, health,
                                    library_versions, mark_in_progress)
@@ -59,7 +61,7 @@ def selected_records_json(corpus: record_shards.Corpus, block_records: int,
     their pieces and never parses a record."""
     names = list(subsets)
     keysets = [record_shards.KeySet(subsets[name]) for name in names]
-    pieces = record_shards.map_blocks(corpus, block_records, selected_texts, keysets)
+    pieces = corpus_stage.map_blocks(corpus, block_records, selected_texts, keysets)
     out = {}
     for k, name in enumerate(names):
         texts = [text for piece in pieces for text in piece[k]]
@@ -70,8 +72,7 @@ def selected_records_json(corpus: record_shards.Corpus, block_records: int,
 def input_corpus(config: JobConfig, progress: Progress) -> record_shards.Corpus:
     """The input's record shards under the output (made by the embed stage when it ran here;
     made now, or brought up to date, otherwise)."""
-    return record_shards.prepare(config.input, config.output, config.embed.block_records, progress,
-                                 record_shards.ray_task())
+    return corpus_stage.prepare(config.input, config.output, config.embed.block_records, progress)
 
 
 def selected_texts(row: dict, keysets: list) -> list[list[bytes]]:
@@ -84,7 +85,7 @@ def selected_texts(row: dict, keysets: list) -> list[list[bytes]]:
 def gallery_lookup(corpus: record_shards.Corpus, block_records: int) -> Callable[[set[str]], dict[str, dict]]:
     """{id: raw record} of the few ids the report's gallery shows, read by Ray tasks."""
     def lookup(wanted: set[str]) -> dict[str, dict]:
-        pieces = record_shards.map_blocks(corpus, block_records, block_records_of, record_shards.KeySet(wanted))
+        pieces = corpus_stage.map_blocks(corpus, block_records, block_records_of, record_shards.KeySet(wanted))
         return dict(pair for piece in pieces for pair in piece)
 
     return lookup
@@ -484,7 +485,7 @@ def run_select(config: JobConfig, progress: Progress = stderr_progress, embed: E
         masks = {strategy: table.column(schema.SELECTED).to_numpy(zero_copy_only=False)
                  for strategy, table in strategy_tables.items()}
         fields = list(config.label_fields)
-        pieces = record_shards.map_blocks(corpus, config.embed.block_records, block_labels, fields)
+        pieces = corpus_stage.map_blocks(corpus, config.embed.block_records, block_labels, fields)
         labelled = dict(pair for piece in pieces for pair in piece)
         labels = label_figures(labelled, fields, selection, strategies=masks)
         manifest["labels"] = {k: v for k, v in labels.items() if k != "per_group"}

@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from coincide_ray import io, record_shards, schema
+from coincide_ray import io, schema
+from coincide_ray.corpus import shards
 from coincide_ray.records import Record, accepted_records
 
 WIDTH, HEIGHT, PAD = 520, 300, 40
@@ -156,7 +157,7 @@ def thumbnail(data: bytes) -> str | None:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def cluster_gallery(records: str | Callable[[set[str]], dict[str, dict]], image_root: str | None, selection: pa.Table, summary: pa.Table,
+def cluster_gallery(lookup: Callable[[set[str]], dict[str, dict]], image_root: str | None, selection: pa.Table, summary: pa.Table,
                     clusters: int = 3, members: int = 6) -> str:
     """The clusters with the largest quotas: a few members each, image and first question."""
     quota = summary.column("quota").to_numpy()
@@ -165,8 +166,7 @@ def cluster_gallery(records: str | Callable[[set[str]], dict[str, dict]], image_
     chosen = selection.column(schema.SELECTED).to_pylist()
     shown = {int(c): np.flatnonzero(cluster == c)[:members] for c in np.argsort(-quota, kind="stable")[:clusters]}
     wanted = {ids[row] for rows in shown.values() for row in rows}
-    # the records file read in this process, or a lookup the job runs on Ray tasks
-    records = records(wanted) if callable(records) else in_process_records(records, wanted)
+    records = lookup(wanted)  # {id: raw record}, read from the record shards by Ray tasks
     parts = []
     for c, rows in shown.items():
         cells = []
@@ -196,14 +196,14 @@ def label_of(raw: dict, fields: list[str]) -> str | None:
 
 def block_labels(row: dict, fields: list[str]) -> list[tuple[str, str]]:
     """(id, label) of each labelled accepted record of one block (a Ray task's share)."""
-    found = ((item.id, label_of(json.loads(text), fields)) for item, text in record_shards.raw_texts(row)
+    found = ((item.id, label_of(json.loads(text), fields)) for item, text in shards.raw_texts(row)
              if isinstance(item, Record))
     return [(sample_id, label) for sample_id, label in found if label is not None]
 
 
 def block_records_of(row: dict, wanted) -> list[tuple[str, dict]]:
     """(id, raw record) of the accepted records of one block whose id `wanted` holds."""
-    pairs = [(item, text) for item, text in record_shards.raw_texts(row) if isinstance(item, Record)]
+    pairs = [(item, text) for item, text in shards.raw_texts(row) if isinstance(item, Record)]
     hits = wanted.holds([item.id for item, _ in pairs])
     return [(pairs[i][0].id, json.loads(pairs[i][1])) for i in np.flatnonzero(hits)]
 
@@ -215,24 +215,19 @@ def in_process_labels(records_uri: str, fields: list[str]) -> dict[str, str]:
     return {sample_id: label for sample_id, label in found if label is not None}
 
 
-def in_process_records(records_uri: str, wanted: set[str]) -> dict[str, dict]:
-    return {item.id: raw for _, raw, item in accepted_records(records_uri)
-            if isinstance(item, Record) and item.id in wanted}
-
-
-def label_figures(records: str | dict[str, str], fields: list[str], selection: pa.Table, seed: int = 0,
+def label_figures(labels: dict[str, str], fields: list[str], selection: pa.Table, seed: int = 0,
                   strategies: dict[str, np.ndarray] | None = None) -> dict:
     """How the clusters and the selection relate to labels the records carry (e.g. the demo's
     planted concept and skill): cluster purity, how many records of each label group the
     selection holds against a seeded random subset of the same size, and how many groups
     each strategy's subset (a boolean mask over `selection`'s rows) covers.
 
-    A record is labelled when it has every one of `fields` (not null). Every figure counts
-    only the labelled records of `selection`: `labelled` says how many of `records` that is,
+    `labels` is {id: label} of the labelled records (block_labels on Ray tasks, or
+    in_process_labels): a record is labelled when it has every one of `fields` (not null).
+    Every figure counts only the labelled records of `selection`: `labelled` says how many of
+    `records` that is,
     and with none labelled there are no figures at all (a made-up label would read as one
     perfectly pure group)."""
-    # {id: label} as the job's Ray tasks read it, or the records file read in this process
-    labels = records if isinstance(records, dict) else in_process_labels(records, fields)
     all_ids = selection.column(schema.SAMPLE_ID).to_pylist()
     has = np.array([i in labels for i in all_ids], dtype=bool)
     counts = {"fields": fields, "records": len(all_ids), "labelled": int(has.sum())}
@@ -354,7 +349,7 @@ def resources_table(plan: dict) -> str:
 
 
 def render(manifest: dict, summary: pa.Table, selection: pa.Table, embeddings: str,
-           records: str | Callable | None = None, image_root: str | None = None, labels: dict | None = None) -> str:
+           lookup: Callable[[set[str]], dict[str, dict]] | None = None, image_root: str | None = None, labels: dict | None = None) -> str:
     size = summary.column("size").to_numpy()
     quota = summary.column("quota").to_numpy()
     transfer = summary.column("transferability").to_numpy()
@@ -370,7 +365,7 @@ def render(manifest: dict, summary: pa.Table, selection: pa.Table, embeddings: s
              "clusters", "quota", highlight=(quota[visit] == size[visit]) & (size[visit] > 0)),
         projection(embeddings, selection),
     ]
-    gallery = cluster_gallery(records, image_root, selection, summary) if records else \
+    gallery = cluster_gallery(lookup, image_root, selection, summary) if lookup else \
         "<p>The records were not given to this run (select only): no thumbnails.</p>"
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>coincide-ray run</title>"
             f"{STYLE}</head><body><h1>coincide-ray run</h1><p>{html.escape(manifest['config']['output'])}</p>"

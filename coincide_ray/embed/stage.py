@@ -25,7 +25,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from coincide_ray import io, record_shards, schema
+from coincide_ray import io, schema
+from coincide_ray.corpus import shards
+from coincide_ray.corpus import stage as corpus_stage
 from coincide_ray.config import EmbedConfig, JobConfig
 from coincide_ray.embed import model as model_io
 from coincide_ray.embed.preprocess import (STAGE, PreparedBlock, Preprocessor, block_signature, decode_image,
@@ -70,7 +72,7 @@ class PrepareWorker:
         hold_from = self.publish.hold_prepare
         if hold_from is not None and row["block"] >= hold_from:
             hold(f"preparer holds block {row['block']}", self.publish.release)
-        prepared = self.preprocessor.prepare(row["block"], record_shards.read_block(row))
+        prepared = self.preprocessor.prepare(row["block"], shards.read_block(row))
         return {"block": row["block"], "prepared": prepared.to_bytes()}
 
 
@@ -493,7 +495,7 @@ def check_block(row: dict, output: str, image_root: str | None, salt: str, dimen
     """Whether the block's finished part file can be reused: it reads back whole and holds
     the same records with the same fingerprints. Asks for the images' digests only (an
     unchanged image is never read again), never runs the model. Returns the counts write_block would have given."""
-    items = record_shards.read_block(row)
+    items = shards.read_block(row)
     fetched = fingerprint_block(items, image_root, salt, read=False)
     wanted = block_signature([item.id for item in items], fetched.fingerprints, fetched.rejected)
     found = part_signature(io.join(output, schema.EMBEDDINGS_DIR, part_name(row["block"])), dimension)
@@ -517,15 +519,14 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
     salt = run_salt(made["model_fingerprint"], config.layers, config.embed.max_image_pixels)
     progress(f"embed: model {config.model}, layers {list(config.layers)}, dimension {dimension}")
     per_block = config.embed.block_records
-    corpus = record_shards.prepare(config.input, out, per_block, lambda line: progress(f"embed: {line}"),
-                                   record_shards.ray_task())
+    corpus = corpus_stage.prepare(config.input, out, per_block, lambda line: progress(f"embed: {line}"))
     blocks, records = corpus.blocks(per_block), corpus.records
     existing = part_files(out)
     unchanged = {}
     candidates = [i for i in range(blocks) if part_name(i) in existing]
     if candidates:
         progress(f"embed: checking {len(candidates)} finished block(s) against the input (ids, content, images)")
-        checks = record_shards.map_blocks(corpus, per_block, check_block, out, config.image_root, salt, dimension,
+        checks = corpus_stage.map_blocks(corpus, per_block, check_block, out, config.image_root, salt, dimension,
                                           blocks=candidates)
         unchanged = {c["block"]: c for c in checks if c["unchanged"]}
     pending = [i for i in range(blocks) if i not in unchanged]
@@ -592,7 +593,7 @@ def reuse_block(row: dict, image_root: str | None, salt: str, max_image_pixels: 
     and only the images --previous lacks read and decoded; no model."""
     if isinstance(previous, ray.ObjectRef):
         previous = ray.get(previous)
-    items = record_shards.read_block(row)
+    items = shards.read_block(row)
     fetched = fingerprint_block(items, image_root, salt, read=False)
     found = {}
     for position, fingerprint in fetched.fingerprints.items():
@@ -612,12 +613,12 @@ def reuse_block(row: dict, image_root: str | None, salt: str, max_image_pixels: 
     return {**write_block(result, publish), "written": True}
 
 
-def reuse_whole_blocks(corpus: record_shards.Corpus, block_records: int, pending: list[int], image_root: str | None,
+def reuse_whole_blocks(corpus: shards.Corpus, block_records: int, pending: list[int], image_root: str | None,
                        salt: str, max_image_pixels: int, previous, publish: Publish) -> dict[int, dict]:
     """{block: write_block's counts} of the pending blocks --previous covers whole: written
     by CPU tasks, so an unchanged night starts no model actor. The blocks left go to the
     model pipeline, which fetches their images."""
-    done = record_shards.map_blocks(corpus, block_records, reuse_block, image_root, salt, max_image_pixels, previous,
+    done = corpus_stage.map_blocks(corpus, block_records, reuse_block, image_root, salt, max_image_pixels, previous,
                                     publish, blocks=pending)
     return {row["block"]: row for row in done if row["written"]}
 

@@ -185,13 +185,13 @@ def one_block_seconds(records: str, image_root: str, model: str, block_records: 
 
 def record_path(records: str, work: Path) -> tuple[float, float, int]:
     """(records/s of the record path in one process, records/s of json.loads, records)."""
-    from coincide_ray import record_shards
+    from coincide_ray.corpus import shards
     from coincide_ray.records import RECORD_SUFFIXES
     from coincide_ray import io
 
     start = time.perf_counter()
     shutil.rmtree(work, ignore_errors=True)
-    corpus = record_shards.prepare(records, str(work), 256, progress=lambda line: None)
+    corpus = shards.prepare(records, str(work), 256, progress=lambda line: None)
     ours = time.perf_counter() - start
     start = time.perf_counter()
     count = 0

@@ -4,8 +4,13 @@ import numpy as np
 import pyarrow as pa
 
 from coincide_ray import schema
-from coincide_ray.report import bars, label_figures, label_warning, scatter, table
+from coincide_ray.report import bars, in_process_labels, label_figures, label_warning, scatter, table
 
+
+
+def labelled(tmp_path, fields):
+    """label_figures' first two arguments for the records file the test wrote."""
+    return in_process_labels(str(tmp_path / "records.json"), fields), fields
 
 def test_label_figures_match_a_direct_count(tmp_path):
     rng = np.random.default_rng(0)
@@ -18,7 +23,7 @@ def test_label_figures_match_a_direct_count(tmp_path):
     selected = rng.random(n) < 0.2
     selection = pa.table({schema.SAMPLE_ID: [r["id"] for r in records], schema.CLUSTER: cluster,
                           schema.RANK: np.zeros(n, np.int64), schema.SELECTED: selected})
-    got = label_figures(str(tmp_path / "records.json"), ["concept", "skill"], selection)
+    got = label_figures(*labelled(tmp_path, ["concept", "skill"]), selection)
     label = [f"{r['concept']}/{r['skill']}" for r in records]
     purity = sum(max(sum(1 for i in range(n) if cluster[i] == c and label[i] == g) for g in set(label))
                  for c in set(cluster.tolist())) / n
@@ -47,7 +52,7 @@ def labelled_corpus(tmp_path, n, has_label):
 def test_a_field_no_record_has_gives_no_figures_and_one_warning(tmp_path):
     # a mistyped --label-field: no made-up label, so no "perfect purity" over one group of "-"
     _, _, _, selection = labelled_corpus(tmp_path, 60, lambda i: True)
-    got = label_figures(str(tmp_path / "records.json"), ["nosuchfield"], selection)
+    got = label_figures(*labelled(tmp_path, ["nosuchfield"]), selection)
     assert got["labelled"] == 0 and got["records"] == 60
     assert "purity" not in got and "groups" not in got
     warning = label_warning(got)
@@ -57,7 +62,7 @@ def test_a_field_no_record_has_gives_no_figures_and_one_warning(tmp_path):
 def test_figures_count_only_the_records_that_have_the_label(tmp_path):
     n = 90
     records, cluster, selected, selection = labelled_corpus(tmp_path, n, lambda i: i % 3 != 0)
-    got = label_figures(str(tmp_path / "records.json"), ["concept"], selection)
+    got = label_figures(*labelled(tmp_path, ["concept"]), selection)
     kept = [i for i in range(n) if "concept" in records[i]]
     assert got["labelled"] == len(kept) == 60 and got["records"] == n
     label = {i: records[i]["concept"] for i in kept}
@@ -69,7 +74,7 @@ def test_figures_count_only_the_records_that_have_the_label(tmp_path):
     assert sum(v["random"] for v in got["per_group"].values()) == sum(selected[i] for i in kept)
     assert "only 60 of 90 records" in label_warning(got)
     _, _, _, everyone = labelled_corpus(tmp_path, 30, lambda i: True)
-    assert label_warning(label_figures(str(tmp_path / "records.json"), ["concept"], everyone)) is None
+    assert label_warning(label_figures(*labelled(tmp_path, ["concept"]), everyone)) is None
 
 
 def test_plots_are_svg_with_marks_and_say_when_empty():

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from coincide_ray import record_shards
+from coincide_ray.corpus import shards as record_shards
 from coincide_ray.records import Record, accepted_records
 
 TURNS = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "That."}]
@@ -70,15 +70,18 @@ def test_an_unchanged_input_is_not_read_again_and_a_changed_file_is(tmp_path):
     out = str(tmp_path / "out")
     first = record_shards.prepare(str(folder), out, 8, progress=lambda line: None)
     assert first.read_again == 3
+    kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "records").iterdir()}
     again = record_shards.prepare(str(folder), out, 8, progress=lambda line: None)
     assert again.read_again == 0 and again.duplicate_of == first.duplicate_of
+    # nothing written again: not the shards, the keys, the duplicates or the index
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "records").iterdir()} == kept
     (folder / "b.jsonl").write_text(json.dumps({"id": "new", "conversations": TURNS}) + "\n")
     changed = record_shards.prepare(str(folder), out, 8, progress=lambda line: None)
     assert changed.read_again == 1
     got = [item.id for row in changed.block_rows(8) for item in record_shards.read_block(row)]
     assert got == [item.id for _, _, item in accepted_records(str(folder))]
     names = {p.name for p in (tmp_path / "out" / "records").iterdir()}
-    stems = {n.split("-")[0].split(".")[0] for n in names if n != "_index.json"}
+    stems = {n.split("-")[0].split(".")[0] for n in names if not n.startswith("_")}  # _index, _duplicates
     assert stems == {f.key for f in changed.files}  # the old version's shards are gone
 
 

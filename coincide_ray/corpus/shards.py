@@ -1,4 +1,5 @@
-"""Record shards: every input file streamed once, by Ray tasks, into Parquet shards of our own.
+"""Record shards: every input file streamed once into Parquet shards of our own (pure: the
+Ray tasks that run it are coincide_ray.corpus.stage).
 
 The driver never holds the records. Each input file is read by one Ray task, streamed
 (records.file_rows), and cut into shards of `chunk_records` records under
@@ -16,7 +17,8 @@ and the worker that needs the records reads them from the shards.
 
 output/records/_index.json names each input file with its version (size and times and
 inode locally, the ETag on an object store): a file whose version is unchanged is not read
-again, so a rerun or a nightly refresh over the same records starts from its shards.
+again, so a rerun over the same records starts from its shards; the duplicates found for
+those files are kept beside the index (_duplicates.npy) and not looked for again.
 """
 
 from __future__ import annotations
@@ -119,10 +121,11 @@ class Corpus:
         """One small row per block (Arrow-friendly: an int and two JSON strings): which shard
         rows it holds and which of them are duplicates. read_block turns it into records."""
         offsets = self.offsets()
+        total = int(offsets[-1])
         later = np.array(sorted(self.duplicate_of), dtype=np.int64)
         rows = []
         for block in range(self.blocks(block_records)) if blocks is None else blocks:
-            start, stop = block * block_records, min((block + 1) * block_records, self.records)
+            start, stop = block * block_records, min((block + 1) * block_records, total)
             spans, at = [], start
             while at < stop:
                 file = int(np.searchsorted(offsets, at, side="right") - 1)
@@ -182,32 +185,6 @@ class KeySet:
         return found
 
 
-def map_blocks(corpus: Corpus, block_records: int, fn: Callable, *args, blocks: list[int] | None = None,
-               blocks_per_task: int = 8) -> list:
-    """[fn(block row, *args) for every block (or each of `blocks`)], in block order, run by
-    Ray tasks of `blocks_per_task` blocks each (a quarter CPU each: they mostly wait on
-    storage). Each argument goes to the object store once; one already there is passed as it is."""
-    import ray
-
-    rows = corpus.block_rows(block_records, blocks)
-    shared = [arg if isinstance(arg, ray.ObjectRef) else ray.put(arg) for arg in args]
-    task = ray.remote(num_cpus=0.25, max_retries=3, retry_exceptions=[io.StorageError])(_map_rows)
-    refs = [task.remote(fn, rows[start:start + blocks_per_task], *shared)
-            for start in range(0, len(rows), blocks_per_task)]
-    return [result for ref in refs for result in ray.get(ref)]
-
-
-def _map_rows(fn: Callable, rows: list[dict], *args) -> list:
-    return [fn(row, *args) for row in rows]
-
-
-def ray_task():
-    """shard_file as a Ray task: one CPU, retried when storage keeps failing or a node is lost."""
-    import ray
-
-    return ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[io.StorageError])(shard_file)
-
-
 def input_files(input_uri: str) -> list[tuple[str, str]]:
     """(uri, name relative to the input root) of each input file, in canonical order."""
     files = io.list_files(input_uri, RECORD_SUFFIXES)
@@ -245,22 +222,28 @@ def find_duplicates(keys_files: list[str], records: int) -> dict[int, int]:
     return duplicates(keys)
 
 
+Runner = Callable[[Callable, list[tuple]], list]  # (function, argument tuples) -> results, in order
+
+
+def in_process(fn: Callable, calls: list[tuple]) -> list:
+    """A Runner for one process (tests, tools): each call in turn."""
+    return [fn(*args) for args in calls]
+
+
+DUPLICATES_NAME = "_duplicates.npy"
+
+
 def prepare(input_uri: str, output: str, chunk_records: int, progress: Callable[[str], None] = print,
-            shard_remote: Callable | None = None) -> Corpus:
-    """The corpus of `input_uri`, its shards under output/records: files whose version the
-    index already holds are not read again, the others are streamed by `shard_remote` (a
-    Ray task; in this process when None), all at once. Shards of files the input no longer
-    has, or of their older versions, are removed once the new index is written."""
+            run: Runner = in_process) -> Corpus:
+    """The corpus of `input_uri`, its shards under output/records. Files whose version the
+    index already holds are not read again; the others are streamed by `run` (Ray tasks when
+    the job runs: coincide_ray.corpus.stage), all at once, and the duplicate ids are found
+    again by one more call. Shards of files the input no longer has, or of their older
+    versions, are removed once the new index is written."""
     folder = io.join(output, RECORDS_DIR)
     index_uri = io.join(folder, INDEX_NAME)
-    known: dict[str, dict] = {}
-    if io.exists(index_uri):
-        try:
-            index = io.read_json(index_uri)
-            if index.get("format") == FORMAT and index.get("chunk_records") == chunk_records:
-                known = {entry["key"]: entry for entry in index["files"]}
-        except (ValueError, KeyError, TypeError):
-            known = {}
+    index = read_index(index_uri, chunk_records)
+    known = {entry["key"]: entry for entry in index.get("files", [])}
     wanted = []
     for uri, name in input_files(input_uri):
         version = io.version(uri)
@@ -269,35 +252,45 @@ def prepare(input_uri: str, output: str, chunk_records: int, progress: Callable[
     todo = [(uri, key) for uri, _, _, key in wanted if key not in known or not io.exists(keys_uri(folder, key))]
     if todo:
         progress(f"records: reading {len(todo)} of {len(wanted)} input file(s) into shards under {folder}")
-    if shard_remote is None:
-        counts = {key: shard_file(uri, folder, key, chunk_records) for uri, key in todo}
-    else:
-        import ray
-
-        refs = {key: shard_remote.remote(uri, folder, key, chunk_records) for uri, key in todo}
-        counts = dict(zip(refs, ray.get(list(refs.values()))))
+    counts = dict(zip((key for _, key in todo),
+                      run(shard_file, [(uri, folder, key, chunk_records) for uri, key in todo])))
     files = [InputFile(uri, name, version, key, counts[key] if key in counts else int(known[key]["records"]))
              for uri, name, version, key in wanted]
-    io.write_json({"format": FORMAT, "chunk_records": chunk_records,
-                   "files": [{"name": f.name, "version": f.version, "key": f.key, "records": f.records}
-                             for f in files]}, index_uri)
-    keep = {f.key for f in files}
-    try:
-        present = io.list_files(folder, (".parquet", ".npy"))
-    except FileNotFoundError:
-        present = []
-    for uri in present:
-        if uri.rsplit("/", 1)[-1].split("-", 1)[0].split(".", 1)[0] not in keep:
-            io.remove(uri)
-    keys_files, total = [keys_uri(folder, f.key) for f in files], sum(f.records for f in files)
-    if shard_remote is None:
-        duplicate_of = find_duplicates(keys_files, total)
+    entries = [{"name": f.name, "version": f.version, "key": f.key, "records": f.records} for f in files]
+    duplicates_uri = io.join(folder, DUPLICATES_NAME)
+    if not todo and index.get("files") == entries and io.exists(duplicates_uri):
+        duplicate_of = dict(io.read_npy(duplicates_uri).tolist())  # the same files: the same duplicates
     else:
-        import ray
-
-        task = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[io.StorageError])(find_duplicates)
-        duplicate_of = ray.get(task.remote(keys_files, total))
+        [duplicate_of] = run(find_duplicates, [([keys_uri(folder, f.key) for f in files], sum(f.records for f in files))])
+        io.write_npy(np.array(sorted(duplicate_of.items()), dtype=np.int64).reshape(-1, 2), duplicates_uri)
+        io.write_json({"format": FORMAT, "chunk_records": chunk_records, "files": entries}, index_uri)  # last
+        remove_stale(folder, {f.key for f in files})
     corpus = Corpus(folder, chunk_records, files, duplicate_of, len(todo))
     progress(f"records: {corpus.records} in {len(files)} file(s)"
              + (f", {len(corpus.duplicate_of)} later copies of an id" if corpus.duplicate_of else ""))
     return corpus
+
+
+def read_index(index_uri: str, chunk_records: int) -> dict:
+    """The index of the shards under the output, or {} when there is none for this format
+    and chunk size (then every file is read into shards again)."""
+    if not io.exists(index_uri):
+        return {}
+    try:
+        index = io.read_json(index_uri)
+        usable = index.get("format") == FORMAT and index.get("chunk_records") == chunk_records
+        return index if usable and isinstance(index.get("files"), list) else {}
+    except (ValueError, AttributeError):
+        return {}
+
+
+def remove_stale(folder: str, keep: set[str]) -> None:
+    """Remove the shards and keys files of file keys not in `keep`."""
+    try:
+        present = io.list_files(folder, (".parquet", ".npy"))
+    except FileNotFoundError:
+        return
+    for uri in present:
+        name = uri.rsplit("/", 1)[-1]
+        if name != DUPLICATES_NAME and name.split("-", 1)[0].split(".", 1)[0] not in keep:
+            io.remove(uri)
