@@ -60,10 +60,11 @@ n, layers, iterations, folder = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv
 peaks, private, stop = {}, {}, threading.Event()
 
 def watch():  # each shard worker's high-water mark, and its largest private (anonymous) memory seen
+    me = psutil.Process()
     while not stop.is_set():
-        for process in psutil.process_iter(["pid", "name"]):
+        for process in me.children(recursive=True):  # this Ray's workers, not another's on the machine
             try:
-                if (process.info["name"] or "").startswith("ray::ShardWorker"):
+                if process.name().startswith("ray::ShardWorker"):
                     status = dict(line.split(":", 1) for line in open(f"/proc/{process.pid}/status").read().splitlines()
                                   if ":" in line)
                     hwm, anon = (int(status[key].split()[0]) / 1024 for key in ("VmHWM", "RssAnon"))

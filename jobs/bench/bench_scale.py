@@ -116,17 +116,24 @@ def status_kb(pid: int, field: str) -> int:
     return 0
 
 
-def ray_workers() -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                command = open(f"/proc/{entry}/cmdline", "rb").read()
-            except OSError:
-                continue
-            if b"default_worker.py" in command or command.startswith(b"ray::"):
-                pids.append(int(entry))
-    return pids
+def ray_workers(root: int) -> list[int]:
+    """The Ray worker processes under `root`, whose local Ray starts the raylet that starts
+    them: not those of another Ray on the machine."""
+    import psutil
+
+    found = []
+    try:
+        children = psutil.Process(root).children(recursive=True)
+    except psutil.Error:
+        return found
+    for process in children:
+        try:
+            command = process.cmdline()
+        except psutil.Error:
+            continue
+        if any("default_worker.py" in part for part in command) or (command and command[0].startswith("ray::")):
+            found.append(process.pid)
+    return found
 
 
 def peak_of(output: str) -> float:
@@ -147,7 +154,7 @@ def embed_first_parts(args: list[str], out: Path, parts: int, env: dict) -> dict
         done = sorted(folder.glob("part-*.parquet")) if folder.exists() else []
         if done and first is None:
             first = time.perf_counter() - start
-        worker_kb = max([worker_kb] + [status_kb(pid, "VmRSS") for pid in ray_workers()])
+        worker_kb = max([worker_kb] + [status_kb(pid, "VmRSS") for pid in ray_workers(child.pid)])
         driver_kb = max(driver_kb, status_kb(child.pid, "VmHWM"))
         if len(done) >= parts and not stopped:
             child.send_signal(signal.SIGTERM)
