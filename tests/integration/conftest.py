@@ -7,11 +7,14 @@ import pytest
 @pytest.fixture(scope="session")
 def s3_proxy():
     """A real S3 endpoint on loopback (moto's server) behind a fault-injecting proxy
-    (faulty_s3.py; no faults unless a test asks), both in a process of their own, found
-    through AWS_ENDPOINT_URL exactly as a user's endpoint would be."""
-    from faulty_s3 import S3Server
+    (faulty_s3.py; no faults unless a test asks), found through AWS_ENDPOINT_URL exactly as
+    a user's endpoint would be."""
+    from faulty_s3 import FaultyProxy
+    from moto.server import ThreadedMotoServer
 
-    proxy = S3Server()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    proxy = FaultyProxy(*server.get_host_and_port()).start()
     host, port = "127.0.0.1", proxy.port
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                             "AWS_DEFAULT_REGION")}
@@ -22,6 +25,7 @@ def s3_proxy():
     boto3.client("s3").create_bucket(Bucket="coincide-test")
     yield proxy
     proxy.stop()
+    server.stop()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

@@ -6,22 +6,14 @@ Every S3 call of the integration tests (driver and Ray workers alike) goes throu
 `always_fail` are always answered 503. It forwards everything else unchanged (moto does not check signatures).
 `calls` counts the requests by method and key. With `delay_s` every request waits that long first: an object store's latency (S3 answers a
 GET in tens of milliseconds), on loopback.
-
-`S3Server` runs moto's server and the proxy in a process of their own (`python faulty_s3.py`),
-so that serving S3 never competes with the test's own Ray driver for one interpreter. The
-test sets the faults and reads the counts through the proxy's control path, `/__proxy__`,
-which is never relayed.
 """
 
 from __future__ import annotations
 
 import http.client
-import json
-import subprocess
-import sys
+from collections import Counter
 import threading
 import time
-from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ERRORS = {
@@ -55,10 +47,6 @@ class FaultyProxy:
             def _relay(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                if self.path == CONTROL:
-                    data = json.dumps(proxy.control(self.command, json.loads(body) if body else {})).encode()
-                    self._send(200, {"Content-Type": "application/json"}, data)
-                    return
                 if proxy.delay_s:
                     time.sleep(proxy.delay_s)
                 fault = proxy._choose(self.command, self.path)
@@ -118,19 +106,6 @@ class FaultyProxy:
             self.injected[str(kind)] += 1
             return kind
 
-    def control(self, method: str, settings: dict) -> dict:
-        """The control path: a POST sets fault_every, always_fail or delay_s, or clears the
-        call counts; every answer holds the injected faults and the call counts."""
-        with self._lock:
-            if method == "POST":
-                for key in ("fault_every", "always_fail", "delay_s"):
-                    if key in settings:
-                        setattr(self, key, settings[key])
-                if settings.get("clear_calls"):
-                    self.calls.clear()
-            return {"injected": dict(self.injected),
-                    "calls": [[method, path, n] for (method, path), n in self.calls.items()]}
-
     def start(self) -> FaultyProxy:
         self.thread.start()
         return self
@@ -138,79 +113,3 @@ class FaultyProxy:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-CONTROL = "/__proxy__"
-
-
-class CallCounts:
-    """The proxy's call counts as the test reads them: (method, path) -> requests."""
-
-    def __init__(self, server: S3Server):
-        self._server = server
-
-    def items(self):
-        return Counter({(method, path): n for method, path, n in self._server._control("GET")["calls"]}).items()
-
-    def clear(self) -> None:
-        self._server._control("POST", clear_calls=True)
-
-    def __repr__(self) -> str:
-        return repr(dict(self.items()))
-
-
-class S3Server:
-    """moto's S3 server behind the proxy, in a child process; the same settings and counts
-    as FaultyProxy, read and set over loopback."""
-
-    def __init__(self):
-        self.process = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True)
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the S3 server process ended at start (exit {self.process.wait()})")
-        self.port = json.loads(line)["port"]
-        self.calls = CallCounts(self)
-
-    def _control(self, method: str, **settings) -> dict:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            connection.request(method, CONTROL, body=json.dumps(settings) if method == "POST" else None)
-            return json.loads(connection.getresponse().read())
-        finally:
-            connection.close()
-
-    @property
-    def injected(self) -> dict:
-        return self._control("GET")["injected"]
-
-    def __setattr__(self, key, value):
-        if key in ("fault_every", "always_fail", "delay_s"):
-            self._control("POST", **{key: value})
-        else:
-            super().__setattr__(key, value)
-
-    def stop(self) -> None:
-        self.process.stdin.close()  # the child ends when its stdin does
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-def serve() -> None:
-    """The child's side: moto and the proxy until stdin closes (also when the test process dies)."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    proxy = FaultyProxy(*server.get_host_and_port()).start()
-    print(json.dumps({"port": proxy.port}), flush=True)
-    sys.stdin.read()
-    proxy.stop()
-    server.stop()
-
-
-if __name__ == "__main__":
-    serve()
