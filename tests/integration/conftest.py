@@ -68,8 +68,11 @@ def ray_session(s3_endpoint):
     # Ray runs on the machine or RAY_ADDRESS names one (plain ray.init() would join it).
     saved_address = os.environ.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="ray-tests-")
+    # Idle workers are kept, not stopped after a second: the next test's tasks run in a worker
+    # that has started and imported already, as a long job's tasks do.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             _temp_dir=temp_dir)
+             _temp_dir=temp_dir,
+             _system_config={"idle_worker_killing_time_threshold_ms": 3_600_000, "num_workers_soft_limit": 6})
     yield
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
