@@ -86,12 +86,13 @@ def test_driver_killed_mid_embedding(tmp_path, tiny_model):
 @pytest.mark.slow
 def test_driver_killed_mid_kmeans(tmp_path):
     emb_uri, *_ = write_embeddings(str(tmp_path), n=3000)
-    argv = ["select", "--embeddings", emb_uri, "--layers", "3,7", "--clusters", "40", "--iterations", "400"]
+    # 40 iterations, held before the 20th: the hold, not the run's length, puts the kill mid-k-means
+    argv = ["select", "--embeddings", emb_uri, "--layers", "3,7", "--clusters", "40", "--iterations", "40"]
     killed = str(tmp_path / "killed")
     log_path = tmp_path / "driver.log"
     with open(log_path, "wb") as log:
-        driver = start_driver([*argv, "--output", killed], log, "kmeans-iteration:200")
-        kill_when(driver, lambda: b"test hold: k-means before iteration 200" in log_path.read_bytes())
+        driver = start_driver([*argv, "--output", killed], log, "kmeans-iteration:20")
+        kill_when(driver, lambda: b"test hold: k-means before iteration 20" in log_path.read_bytes())
     assert not io.exists(io.join(killed, schema.ASSIGNMENTS_PATH))
 
     assert main([*argv, "--output", killed]) == 0
