@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -283,22 +284,29 @@ def main(argv: list[str] | None = None) -> int:
         started = start_ray(args.address)
         show_ray_data_progress(args.verbose or os.environ.get("COINCIDE_RAY_DATA_PROGRESS") == "1")
         handlers = on_stop_signals()
+        stopped_by = None
         try:
             run_stages(args, config)
         except Stopped as stop:
             print(f"coincide-ray: stopped by {stop}; every finished block and stage is kept, and the same "
                   "command resumes", file=sys.stderr, flush=True)
-            if started:
-                import ray
-
-                ray.shutdown()
-            return 128 + stop.signum
+            stopped_by = stop.signum
         finally:
             from coincide_ray.manifest import stop_heartbeats
 
             stop_heartbeats()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+        if stopped_by is not None:
+            # The stopped frames still hold Ray Data's executor. Collected now, while Ray is
+            # connected, it cancels its tasks quietly; left to the exit, after Ray's own
+            # shutdown, it printed "Ray is not initialized" tracebacks (seen under load).
+            gc.collect()
+            if started:
+                import ray
+
+                ray.shutdown()
+            return 128 + stopped_by
     except user_errors() as error:
         cause = getattr(error, "cause", None) or error  # raised in a Ray worker: its own message, not the trace
         print(f"coincide-ray: error: {cause}", file=sys.stderr)
