@@ -53,7 +53,7 @@ def run_script(script: str, quick: bool) -> int:
 
 def demo_end_to_end(quick: bool) -> int:
     records = 200 if quick else 2000
-    training = ["--train-epochs", "1"] if quick else []  # quick: one pass, the same steps at a sixth of the cost
+    training = ["--train-epochs", "1"] if quick else []  # quick: one pass over the corpus, not six
     folder = tempfile.mkdtemp(prefix="bench-demo-")
     start = time.perf_counter()
     subprocess.run([sys.executable, str(HERE / "demo.py"), "--output", folder, "--records", str(records), *training],
