@@ -271,9 +271,9 @@ def main() -> int:
 
     model = str(build_tiny_checkpoint(work / "model", "llava", layers=4))
     env = {**os.environ, "PYTHONPATH": str(HERE.parents[2]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    # quick: blocks of 64 records, so that the 3 part files the embed run waits for come after
-    # a quarter of the model work (the default, 256, is what the figures of record use)
-    block_records = 64 if quick else 256
+    # quick: blocks of 16 records, so that the 3 part files the embed run waits for come after
+    # a sixteenth of the model work (the default, 256, is what the figures of record use)
+    block_records = 16 if quick else 256
     config = work / "job.yaml"
     config.write_text(f"embed:\n  block_records: {block_records}\n")
     smallest: dict[str, float] = {}  # the first size's driver and worker peaks
