@@ -288,9 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run_stages(args, config)
         except Stopped as stop:
-            print(f"coincide-ray: stopped by {stop}; every finished block and stage is kept, and the same "
-                  "command resumes", file=sys.stderr, flush=True)
-            stopped_by = stop.signum
+            stopped_by = stop.signum  # not the exception: its traceback holds the frames collected below
         finally:
             from coincide_ray.manifest import stop_heartbeats
 
@@ -306,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
                 import ray
 
                 ray.shutdown()
+            # After Ray's shutdown: a line Ray's log stream still held (an actor's retry being
+            # cancelled) came after this one under load, and the last line is what a user reads.
+            print(f"coincide-ray: stopped by {signal.Signals(stopped_by).name}; every finished block and stage is "
+                  "kept, and the same command resumes", file=sys.stderr, flush=True)
             return 128 + stopped_by
     except user_errors() as error:
         cause = getattr(error, "cause", None) or error  # raised in a Ray worker: its own message, not the trace

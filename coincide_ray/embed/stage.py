@@ -2,8 +2,8 @@
 
 Each Ray Data row is one input block: `embed.block_records` consecutive records in
 canonical order, so block i always holds the same records whatever the cluster looks like.
-A pool of CPU workers prepares blocks (images fetched by key and decoded, chat template
-rendered, tokenised); a pool of model actors (one GPU each where there are GPUs) runs
+CPU tasks prepare blocks (images fetched by key and decoded, chat template rendered,
+tokenised); a pool of model actors (one GPU each where there are GPUs) runs
 extract_msa_embeddings and publishes embeddings/part-<block>.parquet atomically as soon as
 each block is done.
 A block whose file exists is reused only when the file reads back whole and names the same
@@ -53,27 +53,37 @@ def plan_blocks(input_uri: str, block_records: int) -> list[list[Record | Reject
     return [items[start : start + block_records] for start in range(0, len(items), block_records)]
 
 
-class PrepareWorker:
-    """Ray Data UDF (CPU actor): a block's records -> model-ready batches."""
+def prepare_block(row: dict, model_uri: str, embed: EmbedConfig, image_root: str | None, salt: str,
+                  previous: ray.ObjectRef | None, publish: Publish) -> dict:
+    """Ray Data UDF (a CPU task): a block's records -> model-ready batches."""
+    if publish.hold_prepare is not None and row["block"] >= publish.hold_prepare:
+        hold(f"preparer holds block {row['block']}", publish.release)
+    preprocessor = _preprocessor(model_uri, embed, image_root, salt, previous)
+    prepared = preprocessor.prepare(row["block"], shards.read_block(row))
+    return {"block": row["block"], "prepared": prepared.to_bytes()}
 
-    def __init__(self, model_uri: str, embed: EmbedConfig, image_root: str | None, salt: str, previous,
-                 publish: Publish | None = None):
-        self.publish = publish or Publish("")
+
+_kept_preprocessor: dict[tuple, Preprocessor] = {}  # this worker process's latest, by what it was built from
+
+
+def _preprocessor(model_uri: str, embed: EmbedConfig, image_root: str | None, salt: str,
+                  previous: ray.ObjectRef | None) -> Preprocessor:
+    """The run's Preprocessor, built once per worker process. Preparing runs in Ray tasks, not
+    actors: a task's worker process lives on after the task, so the next block, and the next
+    run on the same Ray, find transformers imported and the processor loaded (some 5 CPU-s an
+    actor would pay again for every run). The salt names the model's content, so a model changed
+    at the same path builds a new one; only the latest is kept."""
+    key = (model_uri, embed, image_root, salt, previous.hex() if previous is not None else None)
+    if key not in _kept_preprocessor:
+        _kept_preprocessor.clear()
         folder = model_io.local_copy(model_uri, embed.model_cache)
         processor = model_io.load_processor(model_uri, embed)
-        if isinstance(previous, ray.ObjectRef):
-            previous = ray.get(previous)
-        self.preprocessor = Preprocessor(processor, image_root=image_root, batch_size=embed.batch_size,
-                                         batch_tokens=embed.batch_tokens,
-                                         max_image_pixels=embed.max_image_pixels, salt=salt, previous=previous,
-                                         **model_io.preprocessing(folder, embed.trust_remote_code))
-
-    def __call__(self, row: dict) -> dict:
-        hold_from = self.publish.hold_prepare
-        if hold_from is not None and row["block"] >= hold_from:
-            hold(f"preparer holds block {row['block']}", self.publish.release)
-        prepared = self.preprocessor.prepare(row["block"], shards.read_block(row))
-        return {"block": row["block"], "prepared": prepared.to_bytes()}
+        _kept_preprocessor[key] = Preprocessor(processor, image_root=image_root, batch_size=embed.batch_size,
+                                               batch_tokens=embed.batch_tokens,
+                                               max_image_pixels=embed.max_image_pixels, salt=salt,
+                                               previous=ray.get(previous) if previous is not None else None,
+                                               **model_io.preprocessing(folder, embed.trust_remote_code))
+    return _kept_preprocessor[key]
 
 
 @dataclass(frozen=True)
@@ -410,7 +420,7 @@ class Pool:
     actors: tuple[int, int]  # model actors: (fewest, most); the pool grows as room appears
     gpus: float  # GPUs each model actor asks for
     threads: int  # torch threads per model actor (0: leave torch's default)
-    preparers: tuple[int, int]  # CPU workers preparing blocks: (fewest, most)
+    preparers: tuple[int, int]  # CPU tasks preparing blocks at a time: (fewest, most)
 
     def wanted(self) -> Wanted:
         """What must be placeable before the pipeline starts: the fewest model actors."""
@@ -503,6 +513,21 @@ def check_block(row: dict, output: str, image_root: str | None, salt: str, dimen
             "rejected": found[1] if found else 0}
 
 
+def embed_dataset(rows: list[dict], config: JobConfig, salt: str, previous: ray.ObjectRef | None, publish: Publish,
+                  pool: Pool) -> ray.data.Dataset:
+    """The blocks' pipeline: CPU tasks prepare each block, the model actors embed and publish it."""
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    # max_calls=0: a worker process is never retired after some number of tasks, so the
+    # preprocessor it built stays (_preprocessor). Said explicitly, it also keeps Ray Data from
+    # fusing the preparation into the model actors, which it does to a task stage whose remote
+    # arguments and size match the actor stage after it.
+    ds = ds.map(prepare_block, fn_args=(config.model, config.embed, config.image_root, salt, previous, publish),
+                compute=ray.data.TaskPoolStrategy(size=pool.preparers[1]), num_cpus=1, max_calls=0)
+    return ds.map(ModelWorker, fn_constructor_args=(config.model, config.embed, config.layers, pool.threads, publish),
+                  compute=ray.data.ActorPoolStrategy(min_size=pool.actors[0], max_size=pool.actors[1]),
+                  num_gpus=pool.gpus, num_cpus=0 if pool.gpus else 1)
+
+
 def run_embed(config: JobConfig, progress=print) -> EmbedResult:
     """Embed every record under config.input into config.output/embeddings."""
     for key in ("input", "model"):
@@ -556,14 +581,7 @@ def run_embed(config: JobConfig, progress=print) -> EmbedResult:
             progress(f"embed: waited {waited:.0f} s for the cluster; starting")
         plan = {"device": pool.device, "model_actors": list(pool.actors), "gpus_per_actor": pool.gpus,
                 "torch_threads": pool.threads, "preparers": list(pool.preparers), "waited_s": round(waited, 1)}
-        ds = ray.data.from_items(corpus.block_rows(per_block, pending), override_num_blocks=len(pending))
-        ds = ds.map(PrepareWorker, fn_constructor_args=(config.model, config.embed, config.image_root, salt, previous,
-                                                        publish),
-                    compute=ray.data.ActorPoolStrategy(min_size=pool.preparers[0], max_size=pool.preparers[1]),
-                    num_cpus=1)
-        ds = ds.map(ModelWorker, fn_constructor_args=(config.model, config.embed, config.layers, pool.threads, publish),
-                    compute=ray.data.ActorPoolStrategy(min_size=pool.actors[0], max_size=pool.actors[1]),
-                    num_gpus=pool.gpus, num_cpus=0 if pool.gpus else 1)
+        ds = embed_dataset(corpus.block_rows(per_block, pending), config, salt, previous, publish, pool)
         began = time.perf_counter()
         for finished, summary in enumerate(ds.iter_rows(), start=1):
             embedded += summary["records"] - summary["rejected"] - summary["reused"]

@@ -166,3 +166,17 @@ def test_other_families_with_default_layers(family, tmp_path, ray_session):
     manifest = io.read_json(io.join(out, schema.MANIFEST_PATH))
     assert manifest["config"]["layers"] == [0, 1, 2, 3, 4]
     assert manifest["counts"]["records"] == len(records)
+
+
+def test_preparation_stays_apart_from_the_model_actors(capsys):
+    # One preparing task at a time beside one model actor (a 2-CPU machine's plan): Ray Data
+    # would run both in the model actor if it fused them, and preparing would no longer overlap the model
+    from coincide_ray.config import EmbedConfig, JobConfig
+    from coincide_ray.embed.stage import Pool, Publish, embed_dataset
+
+    config = JobConfig(input="unused", model="unused", output="unused", embed=EmbedConfig(device="cpu"))
+    pool = Pool("cpu", (1, 1), 0.0, 2, (1, 1))
+    embed_dataset([{"block": 0}], config, "salt", None, Publish("unused"), pool).explain()
+    optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "TaskPoolMapOperator[Map(prepare_block)]" in optimized
+    assert "ActorPoolMapOperator[Map(ModelWorker)]" in optimized
