@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", metavar="YAML", help="job config file; flags override its keys")
     common.add_argument("--address", metavar="ADDR",
                         help="Ray cluster to join (default: RAY_ADDRESS, as under `ray job submit`; "
-                             "without either, a new local Ray is started)")
+                             "without either, a new local Ray of the run's own, without the dashboard)")
     common.add_argument("--dry-run", action="store_true",
                         help="print the plan (stages, records, work, memory) and write nothing")
     common.add_argument("--verbose", action="store_true",
@@ -226,7 +226,11 @@ def start_ray(address: str | None = None) -> bool:
 
     if ray.is_initialized():
         return False
-    ray.init(address=ray_address(address), logging_level=logging.WARNING)
+    address = ray_address(address)
+    # A Ray of the run's own ends with the run, and its dashboard with it: not started, it saves
+    # every such run about 3 CPU-seconds. A run to watch joins a head (`ray start --head`).
+    own = {"include_dashboard": False} if address == "local" else {}
+    ray.init(address=address, logging_level=logging.WARNING, **own)
     return True
 
 

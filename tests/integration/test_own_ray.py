@@ -30,3 +30,24 @@ def test_the_cli_does_not_join_a_ray_it_was_not_pointed_at(tmp_path):
         drivers = json.loads(joined.stdout.strip().splitlines()[-1])
     assert driver.pid not in drivers, "the CLI ran its job on a Ray it was not pointed at"
     assert io.exists(io.join(out, schema.MANIFEST_PATH))
+
+
+OWN_RAY = """
+import json, os, psutil
+os.environ.pop("RAY_ADDRESS", None)
+from coincide_ray.cli import start_ray
+started = start_ray(None)
+print(json.dumps([started, [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)]]))
+"""
+
+
+def test_the_cli_starts_its_own_ray_without_the_dashboard():
+    # A Ray of the run's own ends with the run: a dashboard there would cost every run its start
+    # (about 3 CPU-seconds) for a page gone when the run ends. Watching a run is what a head is for.
+    out = subprocess.run([sys.executable, "-c", OWN_RAY], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    started, processes = json.loads(out.stdout.strip().splitlines()[-1])
+    assert started and any("raylet" in command for command in processes), processes
+    # the dashboard's pages are served by module processes (ray-dashboard-JobHead-0, ...); without
+    # the dashboard Ray keeps only its usage-stats module, inside its own process
+    assert not any(command.startswith("ray-dashboard-") for command in processes), processes
