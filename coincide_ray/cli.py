@@ -229,8 +229,9 @@ def start_ray(address: str | None = None) -> bool:
     address = ray_address(address)
     # A Ray of the run's own ends with the run, and its dashboard with it: not started, it saves
     # every such run about 3 CPU-seconds. A run to watch joins a head (`ray start --head`).
-    own = {"include_dashboard": False} if address == "local" else {}
-    ray.init(address=address, logging_level=logging.WARNING, **own)
+    # None, Ray's default, when joining: a cluster's dashboard is its head's business.
+    ray.init(address=address, logging_level=logging.WARNING,
+             include_dashboard=False if address == "local" else None)
     return True
 
 
